@@ -1,0 +1,37 @@
+"""X-Request-ID on every response: the client's own if it sent a sane one, else a new UUID."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from litestar.datastructures import MutableScopeHeaders
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def ensure_request_id(scope: Scope) -> str:
+    """The request's id, made once and kept in the scope state."""
+    state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    if "request_id" not in state:
+        sent = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        state["request_id"] = sent if _CLIENT_ID.match(sent) else str(uuid.uuid4())
+    return state["request_id"]
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        request_id = ensure_request_id(scope)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableScopeHeaders.from_message(message)["X-Request-ID"] = request_id
+            await send(message)
+
+        await app(scope, receive, send_with_id)
+
+    return middleware

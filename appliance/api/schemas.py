@@ -1,0 +1,79 @@
+"""Request and response bodies, as msgspec structs: litestar validates them and documents them
+in /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class PredictBody(msgspec.Struct, kw_only=True):
+    input: Any
+    """One input object; its fields depend on the model's task (e.g. {"text": "..."})."""
+    truncate: bool = True
+    """Cut inputs longer than the model's max tokens (the response says so); false: 422."""
+
+
+class ModelRef(msgspec.Struct):
+    code: str
+    name: str
+
+
+class PredictMeta(msgspec.Struct):
+    status: int
+    latency_ms: float
+    tokens: int
+    cached: bool
+    truncated: bool
+
+
+class PredictResponse(msgspec.Struct):
+    request_id: str | None
+    model: ModelRef
+    output: dict[str, Any]
+    meta: PredictMeta
+
+
+class ModelSummary(msgspec.Struct):
+    code: str
+    name: str
+    slug: str
+    task: str | None
+    call_url: str
+    is_active: bool
+    build_status: str
+    description: str
+    tasks: list[str]
+
+
+class ModelDetail(ModelSummary):
+    example_payload: dict[str, Any]
+    labels: list[str] | None
+    dimension: int | None
+    max_tokens: int | None
+    quantization: dict[str, Any] | None
+    size_bytes: int
+    build_message: str
+    validation: dict[str, Any] | None
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelSummary]
+
+
+class ModelDetailEnvelope(msgspec.Struct):
+    data: ModelDetail
+
+
+class TextVectorisationBody(msgspec.Struct, kw_only=True):
+    text: str | list[str]
+    """A text, or a list of texts (batch: the answer is a list in the same order)."""
+    model: str = "english"
+    """A model slug or an alias from config (english, multilingual, clip, ...)."""
+    truncate: bool = True
+
+
+class VectorResponse(msgspec.Struct):
+    vector: list[Any]
+    """One vector, or (for a list of texts) a list of vectors in the same order."""

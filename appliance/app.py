@@ -1,0 +1,86 @@
+"""create_app(): wires settings, the key store, the model registry and the handlers.
+
+State lives in closures and dependency providers built here, opened and closed in the
+lifespan; tests build the app with their own settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from litestar import Litestar
+from litestar.di import Provide
+
+from appliance.api import docs, health, models, tasks
+from appliance.api.request_id import request_id_middleware
+from appliance.config import Settings
+from appliance.errors import exception_handler
+from appliance.gateway.auth import auth_guard
+from appliance.gateway.keys import KeyStore
+from appliance.inference import Inference
+from appliance.models.registry import Registry
+
+log = logging.getLogger("appliance")
+
+def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
+    """First start: no keys at all, so make an admin key and write it where the README says."""
+    if not settings.auth.bootstrap_admin_key or keys.list():
+        return
+    _, secret = keys.create("admin", ["admin"])
+    path = settings.data_path / "admin.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    log.warning("no API keys existed: created an admin key, written to %s", path)
+
+
+def create_app(settings: Settings, *, keys: KeyStore | None = None) -> Litestar:
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    keys = keys or KeyStore(settings.keys_path)
+    registry = Registry(settings)
+    inference = Inference(registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        bootstrap_admin_key(settings, keys)
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.stop()
+
+    def provide(value: Any) -> Provide:
+        return Provide(lambda: value, use_cache=True, sync_to_thread=False)
+
+    return Litestar(
+        route_handlers=[
+            health.healthz,
+            health.readyz,
+            models.list_models,
+            models.get_model,
+            models.predict,
+            tasks.text_vectorisation,
+            docs.openapi_json,
+            docs.swagger_ui,
+            docs.assets_router(),
+        ],
+        dependencies={
+            "settings": provide(settings),
+            "registry": provide(registry),
+            "inference": provide(inference),
+            "keys": provide(keys),
+        },
+        guards=[auth_guard(keys)],
+        # 404 and 405 are raised by the router before any handler: they need their own keys.
+        exception_handlers={404: exception_handler, 405: exception_handler, Exception: exception_handler},
+        middleware=[request_id_middleware],
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=docs.openapi_config(),
+        lifespan=[lifespan],
+        signature_namespace={"Path": Path},
+    )

@@ -1,0 +1,199 @@
+"""The `appliance` command: serve, keys, export, models.
+
+Heavy imports (the server stack, and torch/optimum for export) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from appliance.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (stored hashed in the keys file).")
+models_app = typer.Typer(no_args_is_help=True, help="Inspect exported models.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional on 3.10
+    typer.Option("--config", "-c", help="config.toml to read (default: ./config.toml if present)."),
+]
+
+
+def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, overrides={k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        typer.secho(f"config error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port to bind.")] = None,  # noqa: UP045
+) -> None:
+    """Serve every model in the models directory over HTTP."""
+    server: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = settings_or_exit(config, server=server or None)
+    logging.basicConfig(
+        level=settings.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    import uvicorn
+
+    from appliance.app import create_app
+
+    typer.echo(
+        f"appliance: models from {settings.models_path}, state in {settings.data_path}, "
+        f"listening on http://{settings.server.host}:{settings.server.port}",
+        err=True,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=settings.server.log_level,
+        access_log=False,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A name to recognise the key by.")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: predict, jobs, admin.")] = "predict",
+    models: Annotated[str, typer.Option(help="Comma-separated model slugs, or *.")] = "*",
+    config: ConfigOpt = None,
+) -> None:
+    """Create a key. The secret is printed once, alone on the last line."""
+    from appliance.gateway.keys import KeyStore, KeyStoreError
+
+    settings = settings_or_exit(config)
+    store = KeyStore(settings.keys_path)
+    try:
+        key, secret = store.create(
+            name,
+            [s.strip() for s in scopes.split(",") if s.strip()],
+            models=[m.strip() for m in models.split(",") if m.strip()],
+        )
+    except KeyStoreError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"created key {key.id} ({key.name}, scopes: {','.join(key.scopes)}); "
+               "the secret is shown only now:")
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOpt = None) -> None:
+    """List keys (never their secrets)."""
+    from appliance.gateway.keys import KeyStore
+
+    settings = settings_or_exit(config)
+    for key in KeyStore(settings.keys_path).list():
+        typer.echo(json.dumps(key.public()))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
+    """Revoke a key by id; a running server refuses it within a second."""
+    from appliance.gateway.keys import KeyStore, KeyStoreError
+
+    settings = settings_or_exit(config)
+    try:
+        KeyStore(settings.keys_path).revoke(key_id)
+    except KeyStoreError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"revoked {key_id}")
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None) -> None:
+    """Exported models found in the models directory."""
+    from appliance.models.manifest import ManifestError, read_manifest
+
+    settings = settings_or_exit(config)
+    root = settings.models_path
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        try:
+            m = read_manifest(folder)
+            typer.echo(f"{m.slug:32} {m.task:24} {m.size_bytes / 1e6:8.1f} MB")
+        except ManifestError as exc:
+            typer.echo(f"{folder.name:32} BROKEN: {exc}")
+
+
+@models_app.command("verify")
+def models_verify(config: ConfigOpt = None) -> None:
+    """Check every model's files against the sha256 in its manifest."""
+    from appliance.models.manifest import ManifestError, read_manifest, verify
+
+    settings = settings_or_exit(config)
+    root = settings.models_path
+    bad = 0
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        try:
+            verify(folder, read_manifest(folder))
+            typer.echo(f"ok     {folder.name}")
+        except ManifestError as exc:
+            bad += 1
+            typer.echo(f"FAILED {folder.name}: {exc}")
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="A local Hugging Face checkpoint folder.")],
+    task: Annotated[str, typer.Option(help="feature-extraction or text-classification.")],
+    name: Annotated[Optional[str], typer.Option(help="Slug of the exported model.")] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option(help="Models directory to write into.")] = None,  # noqa: UP045
+    preset: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Quantisation preset: avx512_vnni, avx512, avx2, arm64 (default: this CPU's)."),
+    ] = None,
+    min_cosine: Annotated[float, typer.Option(help="Refuse below this INT8-vs-PyTorch cosine.")] = 0.98,
+    force: Annotated[bool, typer.Option(help="Write the model even if validation fails.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Export a checkpoint to INT8 ONNX, validate it against PyTorch, write it with a manifest."""
+    settings = settings_or_exit(config)
+    try:
+        from exporters.export import ExportError, export_model
+    except ImportError as exc:
+        typer.secho(
+            f"the exporter needs the export extra (pip install '.[export]'): {exc}", fg="red", err=True
+        )
+        raise typer.Exit(2) from None
+    try:
+        manifest = export_model(
+            source, task, slug=name, out_dir=out or settings.models_path, preset=preset,
+            min_cosine=min_cosine, force=force,
+        )
+    except ExportError as exc:
+        typer.secho(f"export failed: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {(out or settings.models_path) / manifest.slug}")
+
+
+@app.command("export-defaults")
+def export_defaults(
+    out: Annotated[Optional[Path], typer.Option(help="Models directory to write into.")] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Export the default models (from their PyPI packages) that are not exported yet."""
+    settings = settings_or_exit(config)
+    from exporters.defaults import export_missing_defaults
+
+    export_missing_defaults(out or settings.models_path)
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

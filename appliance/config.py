@@ -1,0 +1,179 @@
+"""The one typed settings object: defaults < config.toml < APPLIANCE_* environment < CLI flags.
+
+Loaded once at start. An unknown key or a bad value is a ConfigError that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "APPLIANCE_"
+# Environment variables that are not settings: where the config file is.
+ENV_NOT_SETTINGS = {"APPLIANCE_CONFIG"}
+DEFAULT_CONFIG_FILE = "config.toml"
+DEFAULT_DIRS = {"data_dir": "data", "models_dir": "quantized_models"}
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8080
+    """TCP port."""
+    max_body_bytes: Positive = 1_048_576
+    """Largest request body on real-time endpoints; bigger bodies get 413."""
+    max_batch_items: Positive = 1000
+    """Most items in one batch request; more get 422."""
+    log_level: str = "info"
+    """Python logging level name."""
+
+
+class RuntimeConfig(_Section):
+    providers: list[str] = msgspec.field(default_factory=lambda: ["CPUExecutionProvider"])
+    """onnxruntime execution providers in order of preference; unavailable ones are skipped."""
+    intra_op_threads: NonNegative = 0
+    """Threads inside one operator; 0 means one per core."""
+    inter_op_threads: Positive = 1
+    """Threads across independent operators."""
+    max_batch_size: Positive = 32
+    """Most items the batcher puts in one model call."""
+    max_batch_tokens: Positive = 16384
+    """Token budget of one model call (items x padded length)."""
+    max_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """How long the batcher waits for more work once it has some (0: take what is queued)."""
+    max_queue: Positive = 4096
+    """Items waiting per model before new requests get 503 Overloaded."""
+    warmup: bool = True
+    """Run each model once at start so the first request is not slow."""
+
+
+class AuthConfig(_Section):
+    keys_file: str = "keys.json"
+    """API keys file, relative to data_dir unless absolute. Secrets are stored hashed."""
+    bootstrap_admin_key: bool = True
+    """When no key exists, create an admin key at start and write it to data_dir/admin.key."""
+
+
+class Settings(_Section):
+    data_dir: str = DEFAULT_DIRS["data_dir"]
+    """All state: keys, cache, usage, jobs. Override: APPLIANCE_DATA_DIR."""
+    models_dir: str = DEFAULT_DIRS["models_dir"]
+    """Exported models, one folder each. Override: APPLIANCE_MODELS_DIR."""
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    aliases: dict[str, str] = msgspec.field(
+        default_factory=lambda: {"english": "all-minilm-l6-v2"}
+    )
+    """Model names of the task API (english, multilingual, clip, ...) mapped to slugs."""
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir)
+
+    @property
+    def keys_path(self) -> Path:
+        return self.data_path / self.auth.keys_file
+
+
+class ConfigError(Exception):
+    """A setting is unknown or has a bad value; the message names it."""
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
+    """APPLIANCE_DATA_DIR -> data_dir; APPLIANCE_SERVER__PORT -> server.port."""
+    layer: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_SETTINGS:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name}: not valid JSON ({exc})") from None
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return layer
+
+
+def _resolve_paths(layer: dict[str, Any], base: Path) -> dict[str, Any]:
+    for key in ("data_dir", "models_dir"):
+        if isinstance(layer.get(key), str) and not os.path.isabs(layer[key]):
+            layer[key] = str(base / layer[key])
+    return layer
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    # msgspec says "... - at `$.server.port`"; users know the key as server.port.
+    return str(exc).replace("`$.", "`").replace("- at `$`", "").strip()
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings. Without a config file, ./config.toml is read if present.
+
+    Relative paths in the file are relative to the file; from the environment or flags,
+    to the working directory.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = config_file or environ.get("APPLIANCE_CONFIG")
+    path = Path(explicit) if explicit else Path(DEFAULT_CONFIG_FILE)
+    layers: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            layers.append(_resolve_paths(tomllib.loads(path.read_text()), path.parent.resolve()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"config file not found: {path}")
+    layers.append(_resolve_paths(_env_layer(environ), Path.cwd()))
+    layers.append(_resolve_paths({k: v for k, v in (overrides or {}).items()}, Path.cwd()))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _merge(merged, layer)
+    for key, default in DEFAULT_DIRS.items():
+        merged.setdefault(key, str(Path.cwd() / default))
+    try:
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {_describe(exc)}") from None

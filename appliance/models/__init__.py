@@ -1,0 +1,1 @@
+"""Exported models: the manifest that describes one, and the registry that serves them."""

@@ -1,0 +1,134 @@
+"""The manifest of an exported model folder: what it is, its files and hashes, how it was made.
+
+The exporter writes it; the registry refuses a folder whose files do not match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+
+TASKS = ("feature-extraction", "text-classification")
+
+
+class FileEntry(msgspec.Struct, kw_only=True):
+    path: str
+    sha256: str
+    size: int
+
+
+class Quantization(msgspec.Struct, kw_only=True):
+    method: str = "dynamic-int8"
+    preset: str = ""
+    weight_type: str = "QInt8"
+    per_channel: bool = True
+    nodes_excluded: list[str] = msgspec.field(default_factory=list)
+    """Nodes kept in fp32 because quantising them cost the most fidelity."""
+
+
+class Validation(msgspec.Struct, kw_only=True):
+    """Agreement of the INT8 ONNX model with the PyTorch original, measured at export."""
+
+    samples: int
+    metrics: dict[str, float]
+    thresholds: dict[str, float]
+    passed: bool
+
+
+class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    slug: str
+    code: str
+    name: str
+    task: str
+    description: str = ""
+    files: dict[str, FileEntry]
+    """Role ("model", "tokenizer") to file."""
+    inputs: list[str]
+    outputs: list[str]
+    max_tokens: int
+    pad_token_id: int = 0
+    labels: list[str] | None = None
+    multi_label: bool = False
+    dimension: int | None = None
+    pooling: str | None = None
+    normalize: bool = False
+    example_payload: dict[str, Any] = msgspec.field(default_factory=dict)
+    quantization: Quantization = msgspec.field(default_factory=Quantization)
+    sizes: dict[str, int] = msgspec.field(default_factory=dict)
+    """fp32_bytes and int8_bytes of the ONNX model."""
+    validation: Validation | None = None
+    exporter: dict[str, Any] = msgspec.field(default_factory=dict)
+    source: str = ""
+    created_at: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever any model file changes (used to key caches)."""
+        joined = "".join(f"{role}:{f.sha256}" for role, f in sorted(self.files.items()))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+
+class ManifestError(Exception):
+    """The folder has no readable manifest, or its files do not match it."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(folder: Path, name: str) -> FileEntry:
+    path = folder / name
+    return FileEntry(path=name, sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST_FILE
+    try:
+        manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
+    except FileNotFoundError:
+        raise ManifestError(f"no {MANIFEST_FILE} in {folder}") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ManifestError(f"{path}: {exc}") from None
+    if manifest.schema_version > SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema_version {manifest.schema_version} is newer than this appliance "
+            f"understands ({SCHEMA_VERSION})"
+        )
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    tmp.write_bytes(data + b"\n")
+    tmp.replace(folder / MANIFEST_FILE)
+
+
+def verify(folder: Path, manifest: Manifest) -> None:
+    """Raise ManifestError naming the first file that is missing or altered."""
+    for role, entry in manifest.files.items():
+        path = folder / entry.path
+        if not path.is_file():
+            raise ManifestError(f"{role} file {entry.path} is missing")
+        if path.stat().st_size != entry.size:
+            raise ManifestError(
+                f"{role} file {entry.path} has {path.stat().st_size} bytes, manifest says "
+                f"{entry.size}"
+            )
+        if sha256_file(path) != entry.sha256:
+            raise ManifestError(f"{role} file {entry.path} does not match its sha256")

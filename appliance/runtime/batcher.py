@@ -1,0 +1,144 @@
+"""A micro-batcher per model: concurrent requests are merged into one model call.
+
+Work is cut into batches by item count and a token budget (items x longest item). The queue
+is bounded: when it is full the request is refused at once (Overloaded, 503 + Retry-After)
+rather than held in unbounded memory. Model calls run on one worker thread per model, so the
+event loop only queues and awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from appliance.errors import Overloaded
+
+log = logging.getLogger("appliance.batcher")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class _Pending(Generic[T]):
+    item: T
+    cost: int
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+class Batcher(Generic[T, R]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        *,
+        name: str,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_s: float,
+        max_queue: int,
+    ) -> None:
+        self._run_batch = run_batch
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._queue: asyncio.Queue[_Pending[T]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self._worker: asyncio.Task[None] | None = None
+        self._carry: _Pending[T] | None = None  # the item that overflowed the last batch
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        leftovers = [self._carry] if self._carry is not None else []
+        while not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        for pending in leftovers:
+            if not pending.future.done():
+                pending.future.set_exception(Overloaded("The model is shutting down."))
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, items: Sequence[T], costs: Sequence[int]) -> list[R]:
+        """Queue the items (all or none) and wait for their results, in order."""
+        if self._worker is None:
+            raise RuntimeError("batcher not started")
+        if self._queue.qsize() + len(items) > self.max_queue:
+            raise Overloaded(
+                f"Model {self.name} has {self._queue.qsize()} items queued; retry shortly.",
+                retry_after=1,
+            )
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(item, cost, loop.create_future()) for item, cost in zip(items, costs)]
+        for p in pending:
+            self._queue.put_nowait(p)
+        try:
+            return list(await asyncio.gather(*(p.future for p in pending)))
+        except BaseException:
+            for p in pending:
+                p.future.cancel()  # left in the queue, skipped by the worker
+            raise
+
+    async def _next_batch(self) -> list[_Pending[T]]:
+        if self._carry is not None:
+            first, self._carry = self._carry, None
+        else:
+            first = await self._queue.get()
+        batch = [first]
+        longest = first.cost
+        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            if self._queue.empty():
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                nxt = self._queue.get_nowait()
+            candidate = max(longest, nxt.cost)
+            if candidate * (len(batch) + 1) > self.max_batch_tokens:
+                # Over the token budget: this item opens the next batch.
+                self._carry = nxt
+                break
+            batch.append(nxt)
+            longest = candidate
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [p for p in await self._next_batch() if not p.future.done()]
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._run_batch, [p.item for p in batch]
+                )
+            except Exception as exc:  # the whole call failed: every waiter hears of it
+                log.exception("model %s: batch of %d failed", self.name, len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, result in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)

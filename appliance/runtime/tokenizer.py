@@ -1,0 +1,52 @@
+"""Tokenisation with the `tokenizers` library: per-item encoding, then dynamic padding per batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One tokenised text (or text pair), unpadded."""
+
+    ids: list[int]
+    type_ids: list[int]
+    truncated: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+
+class TextTokenizer:
+    def __init__(self, path: Path, *, max_tokens: int, pad_token_id: int) -> None:
+        self._tok = Tokenizer.from_file(str(path))
+        # Some shipped tokenizer.json files pad every input to a fixed length (all-MiniLM-L6-v2
+        # pads to 128): short texts would cost as much as long ones. Pad per batch instead.
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_tokens)
+        self.max_tokens = max_tokens
+        self.pad_token_id = pad_token_id
+
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[Encoded]:
+        inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
+        encodings = self._tok.encode_batch(inputs)  # type: ignore[arg-type]
+        return [
+            Encoded(ids=e.ids, type_ids=e.type_ids, truncated=bool(e.overflowing))
+            for e in encodings
+        ]
+
+    def pad(self, batch: list[Encoded]) -> dict[str, np.ndarray]:
+        length = max(e.n_tokens for e in batch)
+        ids = np.full((len(batch), length), self.pad_token_id, dtype=np.int64)
+        types = np.zeros((len(batch), length), dtype=np.int64)
+        mask = np.zeros((len(batch), length), dtype=np.int64)
+        for row, e in enumerate(batch):
+            ids[row, : e.n_tokens] = e.ids
+            types[row, : e.n_tokens] = e.type_ids
+            mask[row, : e.n_tokens] = 1
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}

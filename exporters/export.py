@@ -1,0 +1,184 @@
+"""The export pipeline: read checkpoint -> ONNX (optimum) -> INT8 -> package -> validate
+(-> keep the most sensitive layers in fp32 if INT8 costs too much) -> install."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+
+from appliance.models.manifest import Manifest, Validation, write_manifest
+from exporters.checkpoint import ExportError, inspect_checkpoint, slugify
+from exporters.package import install, stage, swap_model
+from exporters.quantize import cpu_preset, quantize, sensitive_nodes
+from exporters.tasks import TASKS
+from exporters.validate import Validator
+
+__all__ = ["ExportError", "export_model"]
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+STEPS = 5
+FIDELITY_GOAL = 0.99
+"""Below this min cosine, look for layers worth keeping in fp32 (within the size budget)."""
+MAX_SIZE_RATIO = 0.33
+"""The INT8 file may grow to this share of the fp32 file by keeping layers in fp32."""
+
+
+class Progress:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.step = 0
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        self.step += 1
+        label = f"[{self.step}/{STEPS}] {what}"
+        start = time.perf_counter()
+        with self.console.status(label):
+            yield
+        self.console.print(f"{label} ... done ({time.perf_counter() - start:.1f}s)")
+
+
+def _onnx_export(source: Path, optimum_task: str, out: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from optimum.exporters.onnx import main_export
+
+    # library_name="transformers": a sentence-transformers folder would otherwise be exported
+    # with its pooling baked in; pooling is done (and validated) by the appliance's runner.
+    main_export(
+        str(source), output=out, task=optimum_task, library_name="transformers",
+        do_validation=False,
+    )
+
+
+def _tokenizer_json(source: Path, work: Path) -> Path:
+    if (source / "tokenizer.json").is_file():
+        return source / "tokenizer.json"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, use_fast=True)
+    if not getattr(tok, "is_fast", False):
+        raise ExportError(f"{source} has no tokenizer.json and its tokenizer cannot be converted.")
+    path = work / "tokenizer.json"
+    tok.backend_tokenizer.save(str(path))
+    return path
+
+
+def _keep_sensitive_layers(
+    work: Path, stage_dir: Path, manifest: Manifest, validator: Validator, preset: str,
+    baseline: Validation,
+) -> Validation:
+    """Measure, one candidate layer at a time, what keeping it in fp32 buys; keep the best ones
+    that fit the size budget; re-measure. The baseline stays if nothing helps."""
+    fp32 = work / "fp32" / "model.onnx"
+    base_quant, base_size = manifest.quantization, manifest.sizes["int8_bytes"]
+    base_file = work / "int8" / "model_quantized.onnx"
+    budget = MAX_SIZE_RATIO * manifest.sizes["fp32_bytes"] - base_size
+    gains: list[tuple[float, int, str]] = []
+    for node in sensitive_nodes(fp32):
+        trial, quant = quantize(work / "fp32", work / "trial", preset, exclude=[node])
+        swap_model(stage_dir, manifest, trial, quant)
+        score = validator(stage_dir, manifest).metrics["mean_cosine"]
+        gains.append((score - baseline.metrics["mean_cosine"], manifest.sizes["int8_bytes"] - base_size, node))
+    chosen, spent = [], 0
+    for gain, cost, node in sorted(gains, reverse=True):
+        if gain > 0 and spent + cost <= budget:
+            chosen.append(node)
+            spent += cost
+    if chosen:
+        final, quant = quantize(work / "fp32", work / "final", preset, exclude=chosen)
+        swap_model(stage_dir, manifest, final, quant)
+        result = validator(stage_dir, manifest)
+        if result.metrics["mean_cosine"] > baseline.metrics["mean_cosine"]:
+            return result
+    swap_model(stage_dir, manifest, base_file, base_quant)
+    return baseline
+
+
+def export_model(
+    source: Path,
+    task: str,
+    *,
+    out_dir: Path,
+    slug: str | None = None,
+    name: str | None = None,
+    description: str = "",
+    preset: str | None = None,
+    min_cosine: float = 0.98,
+    min_agreement: float = 0.9,
+    force: bool = False,
+    console: Console | None = None,
+) -> Manifest:
+    spec = TASKS.get(task)
+    if spec is None:
+        raise ExportError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
+    slug = slug or slugify(source.name)
+    if not SLUG.match(slug):
+        raise ExportError(f"slug {slug!r}: use lowercase letters, digits, '.', '_' and '-'")
+    progress = Progress(console or Console(stderr=True))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".export-{slug}-", dir=out_dir))
+    try:
+        with progress("reading checkpoint"):
+            info = inspect_checkpoint(source, task)
+            tokenizer_json = _tokenizer_json(source, work)
+        with progress(f"exporting to ONNX ({spec.optimum_task})"):
+            try:
+                _onnx_export(source, spec.optimum_task, work / "fp32")
+            except (ValueError, KeyError, NotImplementedError) as exc:
+                raise ExportError(f"optimum could not export {source} as {task}: {exc}") from exc
+        preset = preset or cpu_preset()
+        with progress(f"quantising to INT8 ({preset}, per-channel)"):
+            int8, quantization = quantize(work / "fp32", work / "int8", preset)
+        with progress("packaging"):
+            import onnx
+
+            graph = onnx.load(str(int8), load_external_data=False).graph
+            manifest = stage(
+                work / "model",
+                slug=slug,
+                name=name,
+                description=description,
+                spec=spec,
+                info=info,
+                int8_model=int8,
+                fp32_model=work / "fp32" / "model.onnx",
+                tokenizer_json=tokenizer_json,
+                quantization=quantization,
+                inputs=[i.name for i in graph.input],
+                outputs=[o.name for o in graph.output],
+            )
+        with progress("validating INT8 ONNX against PyTorch"):
+            validator = Validator(info, spec, min_cosine=min_cosine, min_agreement=min_agreement)
+            validation = validator(work / "model", manifest)
+            if validation.metrics["min_cosine"] < FIDELITY_GOAL:
+                validation = _keep_sensitive_layers(
+                    work, work / "model", manifest, validator, preset, validation
+                )
+            manifest.validation = validation
+        report = ", ".join(f"{k} {v:.4f}" for k, v in validation.metrics.items())
+        sizes = manifest.sizes
+        kept = manifest.quantization.nodes_excluded
+        progress.console.print(
+            f"fidelity: {report}; size {sizes['int8_bytes'] / 1e6:.1f} MB INT8 vs "
+            f"{sizes['fp32_bytes'] / 1e6:.1f} MB fp32 "
+            f"({sizes['int8_bytes'] / sizes['fp32_bytes']:.0%})"
+            + (f"; kept in fp32: {len(kept)} layer(s)" if kept else "")
+        )
+        if not validation.passed and not force:
+            raise ExportError(
+                f"INT8 model disagrees with PyTorch beyond the thresholds ({report}; "
+                f"need {validation.thresholds}). Nothing was written; --force writes it anyway."
+            )
+        write_manifest(work / "model", manifest)
+        install(work / "model", out_dir / slug)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,173 @@
+"""Shared fixtures: tiny models built from a config with random weights and a tokenizer made
+offline, exported and quantised by the project's own exporter; an app serving them."""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from litestar.testing import TestClient  # noqa: E402
+
+from appliance.app import create_app  # noqa: E402
+from appliance.config import Settings, load_settings  # noqa: E402
+from exporters.samples import SAMPLE_TEXTS  # noqa: E402
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+EXTRA_WORDS = "spam ham free offer click here win money meeting tomorrow report".split()
+
+
+def build_wordpiece_tokenizer(folder: Path, max_length: int = 64) -> None:
+    """A BERT-style WordPiece tokenizer with a vocabulary from the sample texts, built offline."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w.strip(string.punctuation).lower() for t in SAMPLE_TEXTS for w in t.split()}
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab_list = SPECIALS + sorted(w for w in words | set(EXTRA_WORDS) if w) + list(chars)
+    vocab_list += ["##" + c for c in string.ascii_lowercase + string.digits]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+    fast.save_pretrained(folder)
+
+
+def build_tiny_bert(
+    folder: Path,
+    *,
+    labels: list[str] | None = None,
+    multi_label: bool = False,
+    seed: int = 0,
+) -> Path:
+    """A 2-layer BERT with random weights: an encoder, or a classifier when labels are given."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    build_wordpiece_tokenizer(folder)
+    from transformers import AutoTokenizer
+
+    vocab_size = len(AutoTokenizer.from_pretrained(folder))
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+        if multi_label:
+            config.problem_type = "multi_label_classification"
+        model = BertForSequenceClassification(config)
+        # Random heads give near-uniform scores; widen them so labels are decided, not ties.
+        with torch.no_grad():
+            model.classifier.weight.mul_(30.0)
+    else:
+        model = BertModel(config)
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "tiny-embed": build_tiny_bert(root / "tiny-embed"),
+        "tiny-cls": build_tiny_bert(root / "tiny-cls", labels=["ham", "spam"], seed=1),
+        "tiny-tags": build_tiny_bert(
+            root / "tiny-tags", labels=["urgent", "billing", "bug"], multi_label=True, seed=2
+        ),
+    }
+
+
+TASK_OF = {
+    "tiny-embed": "feature-extraction",
+    "tiny-cls": "text-classification",
+    "tiny-tags": "text-classification",
+}
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
+    """The tiny checkpoints exported to INT8 ONNX by the exporter, once per test session."""
+    from exporters.export import export_model
+
+    out = tmp_path_factory.mktemp("models")
+    for slug, folder in checkpoints.items():
+        export_model(folder, TASK_OF[slug], out_dir=out, slug=slug, min_cosine=0.99)
+    return out
+
+
+def make_settings(data_dir: Path, models_dir: Path, **env: str) -> Settings:
+    """Settings from an empty config file plus the environment a test gives."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "config.toml"
+    config.write_text("")
+    environ = {
+        "APPLIANCE_DATA_DIR": str(data_dir),
+        "APPLIANCE_MODELS_DIR": str(models_dir),
+        "APPLIANCE_AUTH__BOOTSTRAP_ADMIN_KEY": "false",
+        **env,
+    }
+    return load_settings(config, environ=environ)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
+    """serve(models_dir, **env) -> a started TestClient; `client.keys` is the app's KeyStore."""
+    from appliance.gateway.keys import KeyStore
+
+    clients: list[TestClient] = []
+
+    def start(models: Path, **env: str) -> TestClient:
+        settings = make_settings(tmp_path / f"data{len(clients)}", models, **env)
+        keys = KeyStore(settings.keys_path)
+        client = TestClient(create_app(settings, keys=keys))
+        client.__enter__()
+        client.keys = keys  # type: ignore[attr-defined]
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(serve: Callable[..., TestClient], models_dir: Path) -> TestClient:
+    return serve(models_dir)
+
+
+@pytest.fixture
+def admin_key(client: TestClient) -> str:
+    return client.keys.create("admin", ["admin"])[1]  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def predict_key(client: TestClient) -> str:
+    return client.keys.create("app", ["predict"])[1]  # type: ignore[attr-defined]

@@ -1,0 +1,88 @@
+"""The registry serves what verifies and reports what does not, with the reason."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+
+from appliance.models.manifest import read_manifest, verify, ManifestError
+
+
+@pytest.fixture
+def mixed_models(tmp_path: Path, models_dir: Path) -> Path:
+    """tiny-embed intact; tiny-cls with one byte of its model flipped; a folder with no manifest."""
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.copytree(models_dir / "tiny-embed", root / "tiny-embed")
+    shutil.copytree(models_dir / "tiny-cls", root / "tiny-cls")
+    onnx = root / "tiny-cls" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    (root / "stray").mkdir()
+    (root / "stray" / "notes.txt").write_text("not a model")
+    return root
+
+
+def test_verify_names_the_altered_file(mixed_models: Path) -> None:
+    folder = mixed_models / "tiny-cls"
+    with pytest.raises(ManifestError, match="model.onnx"):
+        verify(folder, read_manifest(folder))
+
+
+def test_corrupted_model_is_reported_and_the_good_one_serves(serve, mixed_models: Path) -> None:  # type: ignore[no-untyped-def]
+    client: TestClient = serve(mixed_models)
+    key = client.keys.create("k", ["predict"])[1]
+    headers = {"x-api-key": key}
+
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    status = {m["slug"]: m for m in ready.json()["models"]}
+    assert ready.json()["status"] == "degraded"
+    assert status["tiny-embed"]["status"] == "ready"
+    assert status["tiny-cls"]["status"] == "fail"
+    assert "sha256" in status["tiny-cls"]["message"]
+    assert "manifest" in status["stray"]["message"]
+
+    listed = {m["slug"]: m for m in client.get("/api/v1/models", headers=headers).json()["data"]}
+    assert listed["tiny-cls"]["is_active"] is False
+    assert listed["tiny-cls"]["build_status"] == "fail"
+    detail = client.get("/api/v1/models/tiny-cls", headers=headers).json()["data"]
+    assert "sha256" in detail["build_message"]
+
+    r = client.post("/api/v1/models/tiny-cls/predict", json={"input": {"text": "hi"}}, headers=headers)
+    assert r.status_code == 503
+    assert r.json()["code"] == "MODEL_UNAVAILABLE"
+    assert "Retry-After" in r.headers
+
+    r = client.post("/v1/text-vectorisation", json={"text": "hi", "model": "tiny-embed"}, headers=headers)
+    assert r.status_code == 200
+
+
+def test_no_models_is_not_ready(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = serve(empty).get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["status"] == "no-models"
+
+
+def test_alias_without_a_model_is_a_clear_404(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(models_dir, APPLIANCE_ALIASES__MULTILINGUAL="not-installed")
+    key = client.keys.create("k", ["predict"])[1]
+    r = client.post(
+        "/v1/text-vectorisation", json={"text": "hi", "model": "multilingual"}, headers={"x-api-key": key}
+    )
+    assert r.status_code == 404
+    assert "not-installed" in r.json()["message"]
+
+
+def test_alias_resolves_to_its_model(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(models_dir, APPLIANCE_ALIASES__ENGLISH="tiny-embed")
+    key = client.keys.create("k", ["predict"])[1]
+    r = client.post("/text-vectorisation", json={"text": "iPhone 12 128GB"}, headers={"x-api-key": key})
+    assert r.status_code == 200
+    assert r.headers["x-model"] == "tiny-embed"
