@@ -1,31 +1,37 @@
-"""create_app(): wires settings, the key store, the model registry and the handlers.
+"""create_app(): wires settings, the key store, gateway (limits, cache, usage), the model
+registry and the handlers.
 
 State lives in closures and dependency providers built here, opened and closed in the
-lifespan; tests build the app with their own settings.
+lifespan; tests build the app with their own settings (and a fake clock for the limiter).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from litestar import Litestar
 from litestar.di import Provide
 
-from appliance.api import docs, health, models, tasks
+from appliance.api import account, docs, health, models, tasks
+from appliance.api.recorder import usage_recorder
 from appliance.api.request_id import request_id_middleware
 from appliance.config import Settings
 from appliance.errors import exception_handler
 from appliance.gateway.auth import auth_guard
+from appliance.gateway.cache import ResponseCache
 from appliance.gateway.keys import KeyStore
+from appliance.gateway.ratelimit import RateLimiter
+from appliance.gateway.usage import UsageLog
 from appliance.inference import Inference
 from appliance.models.registry import Registry
 
 log = logging.getLogger("appliance")
+
 
 def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
     """First start: no keys at all, so make an admin key and write it where the README says."""
@@ -39,20 +45,32 @@ def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
     log.warning("no API keys existed: created an admin key, written to %s", path)
 
 
-def create_app(settings: Settings, *, keys: KeyStore | None = None) -> Litestar:
+def create_app(
+    settings: Settings, *, keys: KeyStore | None = None, limiter: RateLimiter | None = None
+) -> Litestar:
     settings.data_path.mkdir(parents=True, exist_ok=True)
     keys = keys or KeyStore(settings.keys_path)
     registry = Registry(settings)
-    inference = Inference(registry)
+    usage = UsageLog(settings.usage_path, retention_days=settings.usage.retention_days)
+    cache = ResponseCache(
+        settings.cache_path,
+        size_limit_bytes=settings.cache.size_limit_mb * 1024 * 1024,
+        ttl_seconds=settings.cache.ttl_seconds,
+        enabled=settings.cache.enabled,
+    )
+    inference = Inference(registry, cache, limiter or RateLimiter(), usage, settings.limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         bootstrap_admin_key(settings, keys)
+        await asyncio.to_thread(usage.start)
         await registry.start()
         try:
             yield
         finally:
             await registry.stop()
+            await asyncio.to_thread(usage.stop)
+            cache.close()
 
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
@@ -65,6 +83,12 @@ def create_app(settings: Settings, *, keys: KeyStore | None = None) -> Litestar:
             models.get_model,
             models.predict,
             tasks.text_vectorisation,
+            account.list_keys,
+            account.create_key,
+            account.revoke_key,
+            account.balance,
+            account.usage_summary,
+            account.request_logs,
             docs.openapi_json,
             docs.swagger_ui,
             docs.assets_router(),
@@ -74,13 +98,17 @@ def create_app(settings: Settings, *, keys: KeyStore | None = None) -> Litestar:
             "registry": provide(registry),
             "inference": provide(inference),
             "keys": provide(keys),
+            "usage": provide(usage),
         },
         guards=[auth_guard(keys)],
         # 404 and 405 are raised by the router before any handler: they need their own keys.
-        exception_handlers={404: exception_handler, 405: exception_handler, Exception: exception_handler},
-        middleware=[request_id_middleware],
+        exception_handlers={
+            404: exception_handler,
+            405: exception_handler,
+            Exception: exception_handler,
+        },
+        middleware=[request_id_middleware, usage_recorder(usage)],
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=docs.openapi_config(),
         lifespan=[lifespan],
-        signature_namespace={"Path": Path},
     )

@@ -16,7 +16,9 @@ import typer
 from appliance.config import ConfigError, Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (stored hashed in the keys file).")
+keys_app = typer.Typer(
+    no_args_is_help=True, help="Manage API keys (stored hashed in the keys file)."
+)
 models_app = typer.Typer(no_args_is_help=True, help="Inspect exported models.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
@@ -29,7 +31,9 @@ ConfigOpt = Annotated[
 
 def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
     try:
-        return load_settings(config, overrides={k: v for k, v in overrides.items() if v is not None})
+        return load_settings(
+            config, overrides={k: v for k, v in overrides.items() if v is not None}
+        )
     except ConfigError as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -42,7 +46,9 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port to bind.")] = None,  # noqa: UP045
 ) -> None:
     """Serve every model in the models directory over HTTP."""
-    server: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    server: dict[str, Any] = {
+        k: v for k, v in {"host": host, "port": port}.items() if v is not None
+    }
     settings = settings_or_exit(config, server=server or None)
     logging.basicConfig(
         level=settings.server.log_level.upper(),
@@ -87,8 +93,10 @@ def keys_create(
     except KeyStoreError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"created key {key.id} ({key.name}, scopes: {','.join(key.scopes)}); "
-               "the secret is shown only now:")
+    typer.echo(
+        f"created key {key.id} ({key.name}, scopes: {','.join(key.scopes)}); "
+        "the secret is shown only now:"
+    )
     typer.echo(secret)
 
 
@@ -114,6 +122,47 @@ def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("set-limits")
+def keys_set_limits(
+    key_id: str,
+    rpm: Annotated[
+        int | None, typer.Option("--requests-per-minute", help="Requests per minute.")
+    ] = None,  # noqa: UP045
+    tpm: Annotated[
+        int | None, typer.Option("--tokens-per-minute", help="Tokens per minute.")
+    ] = None,  # noqa: UP045
+    quota: Annotated[
+        int | None, typer.Option("--token-quota", help="Total tokens (balance).")
+    ] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+) -> None:
+    """Change a key's rate limits or token quota; a running server applies them at once."""
+    from appliance.gateway.keys import KeyStore, KeyStoreError
+
+    fields = {
+        name: value
+        for name, value in (
+            ("requests_per_minute", rpm),
+            ("tokens_per_minute", tpm),
+            ("token_quota", quota),
+        )
+        if value is not None
+    }
+    if not fields:
+        typer.secho(
+            "nothing to change: give --requests-per-minute, --tokens-per-minute or --token-quota",
+            err=True,
+        )
+        raise typer.Exit(2)
+    settings = settings_or_exit(config)
+    try:
+        key = KeyStore(settings.keys_path).update(key_id, **fields)
+    except KeyStoreError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(key.public()))
 
 
 @models_app.command("list")
@@ -157,9 +206,13 @@ def export(
     out: Annotated[Optional[Path], typer.Option(help="Models directory to write into.")] = None,  # noqa: UP045
     preset: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="Quantisation preset: avx512_vnni, avx512, avx2, arm64 (default: this CPU's)."),
+        typer.Option(
+            help="Quantisation preset: avx512_vnni, avx512, avx2, arm64 (default: this CPU's)."
+        ),
     ] = None,
-    min_cosine: Annotated[float, typer.Option(help="Refuse below this INT8-vs-PyTorch cosine.")] = 0.98,
+    min_cosine: Annotated[
+        float, typer.Option(help="Refuse below this INT8-vs-PyTorch cosine.")
+    ] = 0.98,
     force: Annotated[bool, typer.Option(help="Write the model even if validation fails.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -169,13 +222,20 @@ def export(
         from exporters.export import ExportError, export_model
     except ImportError as exc:
         typer.secho(
-            f"the exporter needs the export extra (pip install '.[export]'): {exc}", fg="red", err=True
+            f"the exporter needs the export extra (pip install '.[export]'): {exc}",
+            fg="red",
+            err=True,
         )
         raise typer.Exit(2) from None
     try:
         manifest = export_model(
-            source, task, slug=name, out_dir=out or settings.models_path, preset=preset,
-            min_cosine=min_cosine, force=force,
+            source,
+            task,
+            slug=name,
+            out_dir=out or settings.models_path,
+            preset=preset,
+            min_cosine=min_cosine,
+            force=force,
         )
     except ExportError as exc:
         typer.secho(f"export failed: {exc}", fg="red", err=True)

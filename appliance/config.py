@@ -72,6 +72,29 @@ class AuthConfig(_Section):
     """When no key exists, create an admin key at start and write it to data_dir/admin.key."""
 
 
+class LimitsConfig(_Section):
+    requests_per_minute: Positive = 600
+    """Default per-key request rate (a key's own limit overrides it)."""
+    tokens_per_minute: Positive = 1_000_000
+    """Default per-key tokenizer-token rate (a key's own limit overrides it)."""
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    """Keep answers on disk and serve repeats without running the model."""
+    dir: str = "cache"
+    """Relative to data_dir unless absolute."""
+    size_limit_mb: Positive = 1024
+    """Least recently stored entries are evicted beyond this."""
+    ttl_seconds: Positive = 7 * 86400
+    """An entry older than this is a miss."""
+
+
+class UsageConfig(_Section):
+    retention_days: Annotated[float, msgspec.Meta(gt=0)] = 90
+    """Request log rows older than this are deleted (token spend for quotas is kept)."""
+
+
 class Settings(_Section):
     data_dir: str = DEFAULT_DIRS["data_dir"]
     """All state: keys, cache, usage, jobs. Override: APPLIANCE_DATA_DIR."""
@@ -80,9 +103,10 @@ class Settings(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
-    aliases: dict[str, str] = msgspec.field(
-        default_factory=lambda: {"english": "all-minilm-l6-v2"}
-    )
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    aliases: dict[str, str] = msgspec.field(default_factory=lambda: {"english": "all-minilm-l6-v2"})
     """Model names of the task API (english, multilingual, clip, ...) mapped to slugs."""
 
     @property
@@ -96,6 +120,14 @@ class Settings(_Section):
     @property
     def keys_path(self) -> Path:
         return self.data_path / self.auth.keys_file
+
+    @property
+    def cache_path(self) -> Path:
+        return self.data_path / self.cache.dir
+
+    @property
+    def usage_path(self) -> Path:
+        return self.data_path / "usage.db"
 
 
 class ConfigError(Exception):

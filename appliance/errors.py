@@ -31,10 +31,12 @@ class ApplianceError(Exception):
         *,
         details: dict[str, Any] | None = None,
         retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.message = message or self.default_message
         self.details = details or {}
         self.retry_after = retry_after
+        self.headers = headers or {}
         super().__init__(self.message)
 
 
@@ -177,7 +179,7 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
         log.exception("unhandled error (request %s)", request_id, exc_info=exc)
         exc = ApplianceError()
     # Unknown routes never reach the request-id middleware, so the header is set here too.
-    headers = {"X-Request-ID": request_id}
+    headers = {"X-Request-ID": request_id, **exc.headers}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     return Response(

@@ -1,18 +1,46 @@
-"""The path of one inference request, shared by every API family: resolve the model, check the
-key may use it, parse and tokenise the inputs, queue them on the model's batcher, format."""
+"""The path of one inference request, shared by every API family:
+
+rate limit (requests) -> resolve the model and check the key may use it -> parse inputs ->
+cache lookup per item -> tokenise the misses -> quota and token rate limit (exact counts)
+-> micro-batched model call -> cache store -> answer with what the headers need.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.config import LimitsConfig
 from appliance.errors import Forbidden, WrongTask
+from appliance.gateway.cache import ResponseCache, cache_key
 from appliance.gateway.keys import ApiKey
+from appliance.gateway.ratelimit import LimitState, RateLimiter
+from appliance.gateway.usage import UsageLog
 from appliance.models.registry import ModelEntry, Registry
 from appliance.tasks import ItemResult
+
+
+@dataclass
+class Call:
+    """One API request: who calls, how the cache may be used, and (filled in as it runs)
+    what the usage log records."""
+
+    key: ApiKey
+    read_cache: bool = True
+    write_cache: bool = True
+    model: str | None = None
+    tokens: int = 0
+    cached: bool = False
+
+    @classmethod
+    def for_request(cls, key: ApiKey, cache_control: str = "") -> Call:
+        directives = {d.strip().lower() for d in cache_control.split(",")}
+        if "no-store" in directives:
+            return cls(key, read_cache=False, write_cache=False)
+        return cls(key, read_cache="no-cache" not in directives)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,28 +48,40 @@ class Outcome:
     model: ModelEntry
     results: list[ItemResult]
     latency_ms: float
-
-    @property
-    def tokens(self) -> int:
-        return sum(r.tokens for r in self.results)
+    tokens: int
+    cache_status: str  # HIT | MISS | BYPASS
+    cache_key: str | None
+    cache_age: int | None
+    limits: LimitState
 
     @property
     def truncated(self) -> bool:
         return any(r.truncated for r in self.results)
 
+    @property
+    def cached(self) -> bool:
+        return self.cache_status == "HIT"
 
+
+@dataclass
 class Inference:
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    registry: Registry
+    cache: ResponseCache
+    limiter: RateLimiter
+    usage: UsageLog
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
-    def model_for(
-        self, ref: str, key: ApiKey, tasks: Collection[str] | None = None
-    ) -> ModelEntry:
+    def _rates(self, key: ApiKey) -> tuple[int, int]:
+        return (
+            key.requests_per_minute or self.limits.requests_per_minute,
+            key.tokens_per_minute or self.limits.tokens_per_minute,
+        )
+
+    def model_for(self, ref: str, key: ApiKey, tasks: Collection[str] | None = None) -> ModelEntry:
         entry = self.registry.resolve(ref)
         if not key.allows_model(entry.slug):
             raise Forbidden(
-                f"This API key may not use model '{entry.slug}'.",
-                details={"model": entry.slug},
+                f"This API key may not use model '{entry.slug}'.", details={"model": entry.slug}
             )
         assert entry.manifest is not None
         if tasks is not None and entry.manifest.task not in tasks:
@@ -57,17 +97,88 @@ class Inference:
         ref: str,
         payloads: Sequence[Any],
         *,
-        key: ApiKey,
+        call: Call,
         tasks: Collection[str] | None = None,
         truncate: bool = True,
     ) -> Outcome:
         start = time.perf_counter()
+        key = call.key
+        rpm, tpm = self._rates(key)
+        limits = self.limiter.admit_request(key.id, rpm, tpm)
         entry = self.model_for(ref, key, tasks)
+        call.model = entry.slug
+        assert entry.runner is not None and entry.manifest is not None
+        inputs = [entry.runner.parse_input(p) for p in payloads]
+
+        keys: list[str] = []
+        if self.cache.enabled and (call.read_cache or call.write_cache):
+            m = entry.manifest
+            params = {"truncate": truncate}
+            keys = [cache_key(entry.slug, m.fingerprint, m.task, i, params) for i in inputs]
+        hits = (
+            await asyncio.to_thread(self.cache.get_many, keys) if keys and call.read_cache else {}
+        )
+        results = {
+            i: ItemResult(hits[k].output, tokens=0, truncated=hits[k].truncated)
+            for i, k in enumerate(keys)
+            if k in hits
+        }
+        misses = [i for i in range(len(inputs)) if i not in results]
+        tokens = 0
+        if misses:
+            computed = await self._compute(entry, [inputs[i] for i in misses], key, truncate)
+            results.update(zip(misses, computed, strict=True))
+            tokens = sum(r.tokens for r in computed)
+            limits = self.limiter.state(key.id, rpm, tpm)
+            if keys and call.write_cache:
+                fresh = {keys[i]: (results[i].output, results[i].truncated) for i in misses}
+                await asyncio.to_thread(self.cache.set_many, fresh)
+
+        if not keys or not call.read_cache:
+            status = "BYPASS"
+        else:
+            status = "MISS" if misses else "HIT"
+        age = int(time.time() - min(h.created for h in hits.values())) if status == "HIT" else None
+        # One item: its own key; a batch: a key over the items' keys.
+        joined = keys[0] if len(keys) == 1 else cache_key("", "", "", keys, {}) if keys else None
+        call.tokens, call.cached = tokens, status == "HIT"
+        return Outcome(
+            model=entry,
+            results=[results[i] for i in range(len(inputs))],
+            latency_ms=(time.perf_counter() - start) * 1000,
+            tokens=tokens,
+            cache_status=status,
+            cache_key=joined[:16] if joined else None,
+            cache_age=age,
+            limits=limits,
+        )
+
+    async def _compute(
+        self, entry: ModelEntry, inputs: list[Any], key: ApiKey, truncate: bool
+    ) -> list[ItemResult]:
+        """Tokenise, charge the exact token count (quota, then rate), run, settle."""
         runner, batcher = entry.runner, entry.batcher
         assert runner is not None and batcher is not None
-        inputs = [runner.parse_input(p) for p in payloads]
+        rpm, tpm = self._rates(key)
         # Tokenising a batch of long texts takes milliseconds: keep it off the event loop.
         prepared = await asyncio.to_thread(runner.preprocess, inputs, truncate=truncate)
-        raws = await batcher.submit(prepared, [runner.cost(p) for p in prepared])
+        costs = [runner.cost(p) for p in prepared]
+        reserved = sum(costs)
+        self.usage.reserve(key.id, key.token_quota, reserved)
+        try:
+            self.limiter.admit_tokens(key.id, rpm, tpm, reserved)
+        except Exception:
+            self.usage.refund(key.id, reserved)
+            raise
+        try:
+            raws = await batcher.submit(prepared, costs)
+        except BaseException:
+            self.usage.refund(key.id, reserved)
+            self.limiter.settle_tokens(key.id, tpm, -reserved)
+            raise
         results = [runner.postprocess(p, r) for p, r in zip(prepared, raws, strict=True)]
-        return Outcome(entry, results, (time.perf_counter() - start) * 1000)
+        used = sum(r.tokens for r in results)
+        if used != reserved:  # e.g. generation stopped early: bill what was really used
+            self.usage.refund(key.id, reserved - used)
+            self.limiter.settle_tokens(key.id, tpm, used - reserved)
+        return results

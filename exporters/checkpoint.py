@@ -43,7 +43,9 @@ def _max_tokens(folder: Path, config: dict[str, Any]) -> int:
         return st
     tc = _json(folder / "tokenizer_config.json").get("model_max_length")
     positions = config.get("max_position_embeddings")
-    candidates = [v for v in (tc, positions) if isinstance(v, int | float) and 0 < v < MAX_SENSIBLE_LENGTH]
+    candidates = [
+        v for v in (tc, positions) if isinstance(v, int | float) and 0 < v < MAX_SENSIBLE_LENGTH
+    ]
     if not candidates:
         return 512
     if config.get("model_type") in {"roberta", "xlm-roberta", "camembert"} and positions:

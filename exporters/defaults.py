@@ -49,6 +49,10 @@ def export_missing_defaults(out_dir: Path) -> None:
         if (out_dir / model.slug / "manifest.json").is_file():
             continue
         export_model(
-            package_folder(model), model.task, out_dir=out_dir, slug=model.slug,
-            name=model.name, description=model.description,
+            package_folder(model),
+            model.task,
+            out_dir=out_dir,
+            slug=model.slug,
+            name=model.name,
+            description=model.description,
         )

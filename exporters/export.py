@@ -53,7 +53,10 @@ def _onnx_export(source: Path, optimum_task: str, out: Path) -> None:
     # library_name="transformers": a sentence-transformers folder would otherwise be exported
     # with its pooling baked in; pooling is done (and validated) by the appliance's runner.
     main_export(
-        str(source), output=out, task=optimum_task, library_name="transformers",
+        str(source),
+        output=out,
+        task=optimum_task,
+        library_name="transformers",
         do_validation=False,
     )
 
@@ -72,7 +75,11 @@ def _tokenizer_json(source: Path, work: Path) -> Path:
 
 
 def _keep_sensitive_layers(
-    work: Path, stage_dir: Path, manifest: Manifest, validator: Validator, preset: str,
+    work: Path,
+    stage_dir: Path,
+    manifest: Manifest,
+    validator: Validator,
+    preset: str,
     baseline: Validation,
 ) -> Validation:
     """Measure, one candidate layer at a time, what keeping it in fp32 buys; keep the best ones
@@ -86,7 +93,13 @@ def _keep_sensitive_layers(
         trial, quant = quantize(work / "fp32", work / "trial", preset, exclude=[node])
         swap_model(stage_dir, manifest, trial, quant)
         score = validator(stage_dir, manifest).metrics["mean_cosine"]
-        gains.append((score - baseline.metrics["mean_cosine"], manifest.sizes["int8_bytes"] - base_size, node))
+        gains.append(
+            (
+                score - baseline.metrics["mean_cosine"],
+                manifest.sizes["int8_bytes"] - base_size,
+                node,
+            )
+        )
     chosen, spent = [], 0
     for gain, cost, node in sorted(gains, reverse=True):
         if gain > 0 and spent + cost <= budget:

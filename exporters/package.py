@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import shutil
 from datetime import datetime, timezone
@@ -12,16 +13,22 @@ from appliance.models.manifest import Manifest, Quantization, file_entry
 from exporters.checkpoint import CheckpointInfo
 from exporters.tasks import TaskSpec
 
-LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "optimum",
+    "optimum-onnx",
+    "onnx",
+    "onnxruntime",
+    "tokenizers",
+)
 
 
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -91,7 +98,9 @@ def stage(
     )
 
 
-def swap_model(stage_dir: Path, manifest: Manifest, int8_model: Path, quantization: Quantization) -> None:
+def swap_model(
+    stage_dir: Path, manifest: Manifest, int8_model: Path, quantization: Quantization
+) -> None:
     """Put another INT8 candidate in the staged folder and update the manifest to match."""
     shutil.copyfile(int8_model, stage_dir / "model.onnx")
     manifest.files["model"] = file_entry(stage_dir, "model.onnx")

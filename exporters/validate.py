@@ -78,5 +78,8 @@ class Validator:
             metrics["max_abs_diff"] = float(np.abs(ours - ref).max())
         passed = all(metrics[k] >= v for k, v in self.thresholds.items())
         return Validation(
-            samples=len(self.texts), metrics=metrics, thresholds=dict(self.thresholds), passed=passed
+            samples=len(self.texts),
+            metrics=metrics,
+            thresholds=dict(self.thresholds),
+            passed=passed,
         )

@@ -20,7 +20,7 @@ from appliance.config import Settings, load_settings  # noqa: E402
 from exporters.samples import SAMPLE_TEXTS  # noqa: E402
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-EXTRA_WORDS = "spam ham free offer click here win money meeting tomorrow report".split()
+EXTRA_WORDS = "spam ham free offer click here win money meeting tomorrow report".split()  # noqa: SIM905
 
 
 def build_wordpiece_tokenizer(folder: Path, max_length: int = 64) -> None:
@@ -139,17 +139,24 @@ def make_settings(data_dir: Path, models_dir: Path, **env: str) -> Settings:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
-    """serve(models_dir, **env) -> a started TestClient; `client.keys` is the app's KeyStore."""
+    """serve(models_dir, limiter=None, data=None, **env) -> a started TestClient.
+
+    `client.keys` is the app's KeyStore, `client.data_dir` its data directory; pass `data`
+    to start a second app on the same state (a restart)."""
     from appliance.gateway.keys import KeyStore
 
     clients: list[TestClient] = []
 
-    def start(models: Path, **env: str) -> TestClient:
-        settings = make_settings(tmp_path / f"data{len(clients)}", models, **env)
+    def start(
+        models: Path, limiter: object = None, data: Path | None = None, **env: str
+    ) -> TestClient:
+        data_dir = data or tmp_path / f"data{len(clients)}"
+        settings = make_settings(data_dir, models, **env)
         keys = KeyStore(settings.keys_path)
-        client = TestClient(create_app(settings, keys=keys))
+        client = TestClient(create_app(settings, keys=keys, limiter=limiter))  # type: ignore[arg-type]
         client.__enter__()
         client.keys = keys  # type: ignore[attr-defined]
+        client.data_dir = data_dir  # type: ignore[attr-defined]
         clients.append(client)
         return client
 

@@ -23,8 +23,14 @@ def test_openapi_lists_the_endpoints_and_auth(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert schema["openapi"].startswith("3.")
     for path in [
-        "/api/v1/models", "/v1/models", "/api/v1/models/{slug}", "/api/v1/models/{slug}/predict",
-        "/v1/text-vectorisation", "/text-vectorisation", "/healthz", "/readyz",
+        "/api/v1/models",
+        "/v1/models",
+        "/api/v1/models/{slug}",
+        "/api/v1/models/{slug}/predict",
+        "/v1/text-vectorisation",
+        "/text-vectorisation",
+        "/healthz",
+        "/readyz",
     ]:
         assert path in schema["paths"], path
     schemes = schema["components"]["securitySchemes"]

@@ -29,22 +29,49 @@ def assert_error_body(r, status: int, code: str) -> dict:  # type: ignore[no-unt
         ("post", EMBED, {"text": "", "model": "tiny-embed"}, 422, "VALIDATION_ERROR", "text"),
         ("post", EMBED, {"text": "   ", "model": "tiny-embed"}, 422, "VALIDATION_ERROR", "text"),
         ("post", EMBED, {"text": [], "model": "tiny-embed"}, 422, "VALIDATION_ERROR", "text"),
-        ("post", EMBED, {"text": ["ok", ""], "model": "tiny-embed"}, 422, "VALIDATION_ERROR", "text"),
-        ("post", EMBED, {"text": ["ok", 3], "model": "tiny-embed"}, 422, "VALIDATION_ERROR", "text"),
+        (
+            "post",
+            EMBED,
+            {"text": ["ok", ""], "model": "tiny-embed"},
+            422,
+            "VALIDATION_ERROR",
+            "text",
+        ),
+        (
+            "post",
+            EMBED,
+            {"text": ["ok", 3], "model": "tiny-embed"},
+            422,
+            "VALIDATION_ERROR",
+            "text",
+        ),
         ("post", EMBED, {"model": "tiny-embed"}, 422, "VALIDATION_ERROR", "text"),
         ("post", EMBED, {"text": "a", "model": 7}, 422, "VALIDATION_ERROR", "model"),
         ("post", EMBED, ["text"], 422, "VALIDATION_ERROR", None),
         ("post", PREDICT, {"input": {"txt": "a"}}, 422, "VALIDATION_ERROR", "text"),
         ("post", PREDICT, {"input": "a"}, 422, "VALIDATION_ERROR", "input"),
         ("post", PREDICT, {}, 422, "VALIDATION_ERROR", "input"),
-        ("post", "/api/v1/models/nope/predict", {"input": {"text": "a"}}, 404, "MODEL_NOT_FOUND", None),
+        (
+            "post",
+            "/api/v1/models/nope/predict",
+            {"input": {"text": "a"}},
+            404,
+            "MODEL_NOT_FOUND",
+            None,
+        ),
         ("get", "/no/such/route", None, 404, "NOT_FOUND", None),
         ("delete", "/api/v1/models", None, 405, "METHOD_NOT_ALLOWED", None),
     ],
 )
 def test_error_matrix(
-    client: TestClient, predict_key: str, method: str, path: str, json_body: object,
-    status: int, code: str, field: str | None,
+    client: TestClient,
+    predict_key: str,
+    method: str,
+    path: str,
+    json_body: object,
+    status: int,
+    code: str,
+    field: str | None,
 ) -> None:
     kwargs = {"json": json_body} if json_body is not None else {}
     r = getattr(client, method)(path, headers={"x-api-key": predict_key}, **kwargs)
@@ -55,14 +82,18 @@ def test_error_matrix(
 
 def test_non_json_body_is_400(client: TestClient, predict_key: str) -> None:
     r = client.post(
-        EMBED, content=b"{not json", headers={"x-api-key": predict_key, "content-type": "application/json"}
+        EMBED,
+        content=b"{not json",
+        headers={"x-api-key": predict_key, "content-type": "application/json"},
     )
     assert_error_body(r, 400, "INVALID_JSON")
 
 
 def test_body_over_the_limit_is_413(client: TestClient, predict_key: str) -> None:
     big = b'{"text": "' + b"a" * 1_100_000 + b'"}'
-    r = client.post(EMBED, content=big, headers={"x-api-key": predict_key, "content-type": "application/json"})
+    r = client.post(
+        EMBED, content=big, headers={"x-api-key": predict_key, "content-type": "application/json"}
+    )
     assert_error_body(r, 413, "PAYLOAD_TOO_LARGE")
 
 
@@ -75,6 +106,8 @@ def test_unexpected_exception_is_a_generic_500(
         raise RuntimeError("secret internal detail /etc/passwd")
 
     monkeypatch.setattr(Inference, "model_for", boom)
-    r = client.post(EMBED, json={"text": "a", "model": "tiny-embed"}, headers={"x-api-key": predict_key})
+    r = client.post(
+        EMBED, json={"text": "a", "model": "tiny-embed"}, headers={"x-api-key": predict_key}
+    )
     body = assert_error_body(r, 500, "INTERNAL_ERROR")
     assert "secret" not in r.text and "passwd" not in body["message"]

@@ -92,7 +92,8 @@ def test_predict_classification_agrees_with_pytorch(
 
 def test_predict_embedding_gives_vector(client: TestClient, predict_key: str) -> None:
     r = client.post(
-        "/v1/models/tiny-embed/predict", json={"input": {"text": "hello"}},
+        "/v1/models/tiny-embed/predict",
+        json={"input": {"text": "hello"}},
         headers={"x-api-key": predict_key},
     )
     assert r.status_code == 200
@@ -105,6 +106,8 @@ def test_predict_embedding_gives_vector(client: TestClient, predict_key: str) ->
     ids=["list-of-inputs", "list-of-texts"],
 )
 def test_predict_refuses_batches(client: TestClient, predict_key: str, body: dict) -> None:
-    r = client.post("/api/v1/models/tiny-cls/predict", json=body, headers={"x-api-key": predict_key})
+    r = client.post(
+        "/api/v1/models/tiny-cls/predict", json=body, headers={"x-api-key": predict_key}
+    )
     assert r.status_code == 422
     assert r.json()["code"] == "BATCH_NOT_SUPPORTED"

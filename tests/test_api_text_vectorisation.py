@@ -37,7 +37,9 @@ def test_single_text_gives_one_vector_close_to_pytorch(
     client: TestClient, predict_key: str, checkpoints: dict[str, Path], path: str
 ) -> None:
     text = "iPhone 12 128GB"
-    r = client.post(path, json={"text": text, "model": "tiny-embed"}, headers={"x-api-key": predict_key})
+    r = client.post(
+        path, json={"text": text, "model": "tiny-embed"}, headers={"x-api-key": predict_key}
+    )
     assert r.status_code == 200, r.text
     vector = np.array(r.json()["vector"])
     assert vector.shape == (32,)
@@ -71,7 +73,8 @@ def test_batch_keeps_order_and_matches_pytorch(
 def test_long_text_is_truncated_and_says_so(client: TestClient, predict_key: str) -> None:
     long = "word " * 500
     r = client.post(
-        "/v1/text-vectorisation", json={"text": long, "model": "tiny-embed"},
+        "/v1/text-vectorisation",
+        json={"text": long, "model": "tiny-embed"},
         headers={"x-api-key": predict_key},
     )
     assert r.status_code == 200
@@ -92,7 +95,8 @@ def test_long_text_without_truncation_is_422(client: TestClient, predict_key: st
 
 def test_classifier_is_refused_for_vectorisation(client: TestClient, predict_key: str) -> None:
     r = client.post(
-        "/v1/text-vectorisation", json={"text": "hi", "model": "tiny-cls"},
+        "/v1/text-vectorisation",
+        json={"text": "hi", "model": "tiny-cls"},
         headers={"x-api-key": predict_key},
     )
     assert r.status_code == 422
@@ -103,7 +107,8 @@ def test_batch_over_the_item_limit_is_422(serve, models_dir: Path) -> None:  # t
     client = serve(models_dir, APPLIANCE_SERVER__MAX_BATCH_ITEMS="3")
     key = client.keys.create("k", ["predict"])[1]
     r = client.post(
-        "/v1/text-vectorisation", json={"text": ["a", "b", "c", "d"], "model": "tiny-embed"},
+        "/v1/text-vectorisation",
+        json={"text": ["a", "b", "c", "d"], "model": "tiny-embed"},
         headers={"x-api-key": key},
     )
     assert r.status_code == 422

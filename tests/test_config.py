@@ -56,7 +56,9 @@ def test_list_from_the_environment_as_json(tmp_path: Path) -> None:
         ("[server\n", {}, "config.toml"),
     ],
 )
-def test_bad_settings_name_the_key(tmp_path: Path, text: str, env: dict[str, str], named: str) -> None:
+def test_bad_settings_name_the_key(
+    tmp_path: Path, text: str, env: dict[str, str], named: str
+) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_settings(write(tmp_path, text), environ=env)
 

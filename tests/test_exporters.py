@@ -44,16 +44,30 @@ def test_the_model_file_is_really_int8(models_dir: Path) -> None:
     assert int8_weights
 
 
-def test_export_below_the_threshold_writes_nothing(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+def test_export_below_the_threshold_writes_nothing(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
     with pytest.raises(ExportError, match="disagrees"):
-        export_model(checkpoints["tiny-embed"], "feature-extraction", out_dir=tmp_path, slug="x", min_cosine=1.01)
+        export_model(
+            checkpoints["tiny-embed"],
+            "feature-extraction",
+            out_dir=tmp_path,
+            slug="x",
+            min_cosine=1.01,
+        )
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
-def test_force_writes_a_failing_model_and_says_so(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+def test_force_writes_a_failing_model_and_says_so(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
     m = export_model(
-        checkpoints["tiny-embed"], "feature-extraction", out_dir=tmp_path, slug="forced",
-        min_cosine=1.01, force=True,
+        checkpoints["tiny-embed"],
+        "feature-extraction",
+        out_dir=tmp_path,
+        slug="forced",
+        min_cosine=1.01,
+        force=True,
     )
     assert m.validation is not None and m.validation.passed is False
     assert read_manifest(tmp_path / "forced").validation.passed is False  # type: ignore[union-attr]
@@ -67,7 +81,9 @@ def test_force_writes_a_failing_model_and_says_so(tmp_path: Path, checkpoints: d
         ("tiny-embed", "translation", "not supported"),
     ],
 )
-def test_clear_errors(tmp_path: Path, checkpoints: dict[str, Path], source: str, task: str, message: str) -> None:
+def test_clear_errors(
+    tmp_path: Path, checkpoints: dict[str, Path], source: str, task: str, message: str
+) -> None:
     (tmp_path / "empty").mkdir()
     path = checkpoints.get(source, tmp_path / source)
     with pytest.raises(ExportError, match=message):
@@ -75,9 +91,13 @@ def test_clear_errors(tmp_path: Path, checkpoints: dict[str, Path], source: str,
 
 
 def test_reexport_replaces_the_folder_whole(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    first = export_model(checkpoints["tiny-embed"], "feature-extraction", out_dir=tmp_path, slug="e")
+    first = export_model(
+        checkpoints["tiny-embed"], "feature-extraction", out_dir=tmp_path, slug="e"
+    )
     (tmp_path / "e" / "leftover.txt").write_text("from the old export")
-    second = export_model(checkpoints["tiny-embed"], "feature-extraction", out_dir=tmp_path, slug="e")
+    second = export_model(
+        checkpoints["tiny-embed"], "feature-extraction", out_dir=tmp_path, slug="e"
+    )
     assert not (tmp_path / "e" / "leftover.txt").exists()
     assert second.files["model"].sha256 == first.files["model"].sha256  # deterministic
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]

@@ -22,7 +22,12 @@ def call(client: TestClient, method: str, path: str, body: object, headers: dict
 @pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=IDS)
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"x-api-key": "apl_wrong"}, {"Authorization": "Bearer apl_wrong"}, {"Authorization": "Basic abc"}],
+    [
+        {},
+        {"x-api-key": "apl_wrong"},
+        {"Authorization": "Bearer apl_wrong"},
+        {"Authorization": "Basic abc"},
+    ],
     ids=["none", "unknown-x-api-key", "unknown-bearer", "other-scheme"],
 )
 def test_missing_or_unknown_key_is_401(
@@ -45,7 +50,9 @@ def test_predict_or_admin_key_is_allowed(
 
 
 @pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=IDS)
-def test_key_without_the_scope_is_403(client: TestClient, method: str, path: str, body: object) -> None:
+def test_key_without_the_scope_is_403(
+    client: TestClient, method: str, path: str, body: object
+) -> None:
     _, secret = client.keys.create("jobs-only", ["jobs"])  # type: ignore[attr-defined]
     r = call(client, method, path, body, {"x-api-key": secret})
     assert r.status_code == 403

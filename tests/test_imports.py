@@ -56,7 +56,10 @@ def test_serve_works_without_torch(tmp_path: Path, models_dir: Path) -> None:
     env.pop("APPLIANCE_CONFIG", None)
     proc = subprocess.Popen(
         [sys.executable, str(script), "serve", "--config", str(config), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 60
@@ -68,11 +71,14 @@ def test_serve_works_without_torch(tmp_path: Path, models_dir: Path) -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert ready is not None and ready.status_code == 200, proc.stdout.read() if proc.poll() is not None else ""
+        assert ready is not None and ready.status_code == 200, (
+            proc.stdout.read() if proc.poll() is not None else ""
+        )
         key = (tmp_path / "data" / "admin.key").read_text().strip()
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/text-vectorisation",
-            json={"text": "hello", "model": "tiny-embed"}, headers={"x-api-key": key},
+            json={"text": "hello", "model": "tiny-embed"},
+            headers={"x-api-key": key},
         )
         assert r.status_code == 200 and len(r.json()["vector"]) == 32
     finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from litestar.testing import TestClient
 
-from appliance.models.manifest import read_manifest, verify, ManifestError
+from appliance.models.manifest import ManifestError, read_manifest, verify
 
 
 @pytest.fixture
@@ -53,12 +53,16 @@ def test_corrupted_model_is_reported_and_the_good_one_serves(serve, mixed_models
     detail = client.get("/api/v1/models/tiny-cls", headers=headers).json()["data"]
     assert "sha256" in detail["build_message"]
 
-    r = client.post("/api/v1/models/tiny-cls/predict", json={"input": {"text": "hi"}}, headers=headers)
+    r = client.post(
+        "/api/v1/models/tiny-cls/predict", json={"input": {"text": "hi"}}, headers=headers
+    )
     assert r.status_code == 503
     assert r.json()["code"] == "MODEL_UNAVAILABLE"
     assert "Retry-After" in r.headers
 
-    r = client.post("/v1/text-vectorisation", json={"text": "hi", "model": "tiny-embed"}, headers=headers)
+    r = client.post(
+        "/v1/text-vectorisation", json={"text": "hi", "model": "tiny-embed"}, headers=headers
+    )
     assert r.status_code == 200
 
 
@@ -74,7 +78,9 @@ def test_alias_without_a_model_is_a_clear_404(serve, models_dir: Path) -> None: 
     client = serve(models_dir, APPLIANCE_ALIASES__MULTILINGUAL="not-installed")
     key = client.keys.create("k", ["predict"])[1]
     r = client.post(
-        "/v1/text-vectorisation", json={"text": "hi", "model": "multilingual"}, headers={"x-api-key": key}
+        "/v1/text-vectorisation",
+        json={"text": "hi", "model": "multilingual"},
+        headers={"x-api-key": key},
     )
     assert r.status_code == 404
     assert "not-installed" in r.json()["message"]
@@ -83,6 +89,8 @@ def test_alias_without_a_model_is_a_clear_404(serve, models_dir: Path) -> None: 
 def test_alias_resolves_to_its_model(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
     client = serve(models_dir, APPLIANCE_ALIASES__ENGLISH="tiny-embed")
     key = client.keys.create("k", ["predict"])[1]
-    r = client.post("/text-vectorisation", json={"text": "iPhone 12 128GB"}, headers={"x-api-key": key})
+    r = client.post(
+        "/text-vectorisation", json={"text": "iPhone 12 128GB"}, headers={"x-api-key": key}
+    )
     assert r.status_code == 200
     assert r.headers["x-model"] == "tiny-embed"

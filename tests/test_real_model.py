@@ -59,7 +59,8 @@ def test_served_embeddings_match_pytorch_and_keep_meaning(serve, real_models: Pa
     client: TestClient = serve(real_models)
     key = client.keys.create("k", ["predict"])[1]
     r = client.post(
-        "/v1/text-vectorisation", json={"text": SENTENCES, "model": "english"},
+        "/v1/text-vectorisation",
+        json={"text": SENTENCES, "model": "english"},
         headers={"x-api-key": key},
     )
     assert r.status_code == 200, r.text

@@ -100,7 +100,9 @@ def test_a_failing_call_fails_its_waiters_only() -> None:
                 raise RuntimeError("model error")
             return items
 
-        b = Batcher(flaky, name="t", max_batch_size=8, max_batch_tokens=100, max_wait_s=0, max_queue=10)
+        b = Batcher(
+            flaky, name="t", max_batch_size=8, max_batch_tokens=100, max_wait_s=0, max_queue=10
+        )
         b.start()
         with pytest.raises(RuntimeError):
             await b.submit([1], [1])

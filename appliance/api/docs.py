@@ -65,4 +65,6 @@ async def swagger_ui(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 
 def assets_router() -> Router:
-    return create_static_files_router(path=ASSETS, directories=[swagger_ui_path], include_in_schema=False)
+    return create_static_files_router(
+        path=ASSETS, directories=[swagger_ui_path], include_in_schema=False
+    )

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 
-from appliance.api.responses import inference_response
+from appliance.api.responses import call_for, inference_response
 from appliance.api.schemas import (
     ModelDetail,
     ModelDetailEnvelope,
@@ -19,7 +19,6 @@ from appliance.api.schemas import (
     PredictResponse,
 )
 from appliance.errors import BatchNotSupported, request_id_of
-from appliance.gateway.auth import current_key
 from appliance.inference import Inference
 from appliance.models.registry import ModelEntry, Registry
 
@@ -70,7 +69,11 @@ async def list_models(registry: Registry, include_global: bool = True) -> ModelL
     return ModelList(data=[summary(e) for e in registry.entries()])
 
 
-@get(["/api/v1/models/{slug:str}", "/v1/models/{slug:str}"], opt={"scope": "predict"}, tags=["models"])
+@get(
+    ["/api/v1/models/{slug:str}", "/v1/models/{slug:str}"],
+    opt={"scope": "predict"},
+    tags=["models"],
+)
 async def get_model(slug: str, registry: Registry) -> ModelDetailEnvelope:
     """One model's details, example payload and the fidelity measured at export."""
     return ModelDetailEnvelope(data=detail(registry.get(slug)))
@@ -89,7 +92,7 @@ async def predict(
     if isinstance(data.input, list):
         raise BatchNotSupported()
     outcome = await inference.run(
-        slug, [data.input], key=current_key(request), truncate=data.truncate
+        slug, [data.input], call=call_for(request), truncate=data.truncate
     )
     entry = outcome.model
     assert entry.manifest is not None
@@ -102,7 +105,7 @@ async def predict(
             status=200,
             latency_ms=round(outcome.latency_ms, 2),
             tokens=outcome.tokens,
-            cached=False,
+            cached=outcome.cached,
             truncated=outcome.truncated,
         ),
     )

@@ -9,11 +9,10 @@ from typing import Any
 
 from litestar import Request, Response, post
 
-from appliance.api.responses import inference_response
+from appliance.api.responses import call_for, inference_response
 from appliance.api.schemas import TextVectorisationBody, VectorResponse
 from appliance.config import Settings
 from appliance.errors import ValidationFailed
-from appliance.gateway.auth import current_key
 from appliance.inference import Inference
 
 
@@ -48,7 +47,7 @@ async def text_vectorisation(
     outcome = await inference.run(
         data.model,
         [{"text": t} for t in texts],
-        key=current_key(request),
+        call=call_for(request),
         tasks={"feature-extraction"},
         truncate=data.truncate,
     )

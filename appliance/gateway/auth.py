@@ -30,7 +30,9 @@ def auth_guard(keys: KeyStore) -> Guard:
             return
         secret = presented_secret(connection)
         if secret is None:
-            raise Unauthorized("Missing API key: send `Authorization: Bearer <key>` or `x-api-key`.")
+            raise Unauthorized(
+                "Missing API key: send `Authorization: Bearer <key>` or `x-api-key`."
+            )
         key = keys.authenticate(secret)
         if key is None:
             raise Unauthorized("Invalid, revoked or expired API key.")

@@ -36,7 +36,8 @@ class ApiKey(msgspec.Struct, kw_only=True):
     revoked: bool = False
 
     def allows_scope(self, scope: str) -> bool:
-        return scope in self.scopes or "admin" in self.scopes
+        """ "any" is what endpoints open to every valid key ask for."""
+        return scope == "any" or scope in self.scopes or "admin" in self.scopes
 
     def allows_model(self, slug: str) -> bool:
         return "*" in self.models or slug in self.models
@@ -163,6 +164,34 @@ class KeyStore:
                 raise KeyStoreError(f"no key with id {key_id}")
         self.refresh()
         return key
+
+    def update(self, key_id: str, **fields: object) -> ApiKey:
+        """Change a key's limits or models (not its secret, id or scopes)."""
+        allowed = {
+            "requests_per_minute",
+            "tokens_per_minute",
+            "token_quota",
+            "models",
+            "expires_at",
+            "name",
+        }
+        if unknown := set(fields) - allowed:
+            raise KeyStoreError(f"cannot change {', '.join(sorted(unknown))}")
+        with self._locked():
+            keys = self._read()
+            for i, key in enumerate(keys):
+                if key.id == key_id:
+                    keys[i] = msgspec.structs.replace(key, **fields)
+                    self._write(keys)
+                    break
+            else:
+                raise KeyStoreError(f"no key with id {key_id}")
+        self.refresh()
+        return keys[i]
+
+    def get(self, key_id: str) -> ApiKey | None:
+        self.refresh()
+        return next((k for k in self._keys if k.id == key_id), None)
 
     def list(self) -> list[ApiKey]:
         self.refresh()

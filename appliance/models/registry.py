@@ -98,7 +98,11 @@ class Registry:
                 )
                 entry.batcher.start()
             if entry.slug in self._entries:
-                log.error("two folders claim slug %s; keeping %s", entry.slug, self._entries[entry.slug].folder)
+                log.error(
+                    "two folders claim slug %s; keeping %s",
+                    entry.slug,
+                    self._entries[entry.slug].folder,
+                )
                 continue
             self._entries[entry.slug] = entry
         self.started = True

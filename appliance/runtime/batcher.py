@@ -85,7 +85,10 @@ class Batcher(Generic[T, R]):
                 retry_after=1,
             )
         loop = asyncio.get_running_loop()
-        pending = [_Pending(item, cost, loop.create_future()) for item, cost in zip(items, costs)]
+        pending = [
+            _Pending(item, cost, loop.create_future())
+            for item, cost in zip(items, costs, strict=True)
+        ]
         for p in pending:
             self._queue.put_nowait(p)
         try:

@@ -12,7 +12,8 @@ from appliance.tasks.classify import ClassificationRunner
 from appliance.tasks.embed import EmbeddingRunner
 
 RUNNERS: dict[str, type[Runner]] = {
-    cls.task: cls for cls in (EmbeddingRunner, ClassificationRunner)  # type: ignore[type-abstract]
+    cls.task: cls
+    for cls in (EmbeddingRunner, ClassificationRunner)  # type: ignore[type-abstract]
 }
 
 __all__ = ["RUNNERS", "ItemResult", "Runner", "build_runner"]

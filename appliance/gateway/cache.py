@@ -1,0 +1,108 @@
+"""The disk response cache (diskcache, JSON on disk rather than pickle).
+
+Keyed per item by model slug, the model files' fingerprint (a re-exported model never serves
+stale answers), task, the normalised input and the parameters that change the output.
+Every failure (a corrupt file, a full disk) degrades to a MISS with a logged warning: the
+cache may make a request faster, never make it fail. Calls block (SQLite), so callers run
+them in a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+log = logging.getLogger("appliance.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    output: dict[str, Any]
+    truncated: bool
+    created: float
+
+
+def cache_key(slug: str, fingerprint: str, task: str, item: Any, params: dict[str, Any]) -> str:
+    blob = json.dumps(
+        {"model": slug, "files": fingerprint, "task": task, "input": item, "params": params},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResponseCache:
+    def __init__(
+        self, directory: Path, *, size_limit_bytes: int, ttl_seconds: float, enabled: bool = True
+    ) -> None:
+        self.directory = directory
+        self.size_limit = size_limit_bytes
+        self.ttl = ttl_seconds
+        self._cache: diskcache.Cache | None = self._open() if enabled else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._cache is not None
+
+    def _open(self) -> diskcache.Cache | None:
+        def make() -> diskcache.Cache:
+            return diskcache.Cache(
+                str(self.directory),
+                disk=diskcache.JSONDisk,
+                size_limit=self.size_limit,
+                timeout=1,
+                eviction_policy="least-recently-stored",
+            )
+
+        try:
+            return make()
+        except Exception as exc:
+            log.warning("cache at %s unreadable (%s): starting a fresh one", self.directory, exc)
+        try:
+            aside = self.directory.with_name(f"{self.directory.name}.corrupt-{int(time.time())}")
+            shutil.move(str(self.directory), aside)
+            return make()
+        except Exception as exc:
+            log.warning("cache disabled: %s", exc)
+            return None
+
+    def get_many(self, keys: list[str]) -> dict[str, Hit]:
+        if self._cache is None:
+            return {}
+        hits: dict[str, Hit] = {}
+        try:
+            for key in dict.fromkeys(keys):
+                value = self._cache.get(key)
+                if isinstance(value, dict) and "output" in value:
+                    hits[key] = Hit(
+                        value["output"], bool(value.get("truncated")), float(value["created"])
+                    )
+        except Exception as exc:
+            log.warning("cache read failed (%s): treated as a miss", exc)
+            return {}
+        return hits
+
+    def set_many(self, items: dict[str, tuple[dict[str, Any], bool]]) -> None:
+        if self._cache is None:
+            return
+        now = time.time()
+        try:
+            for key, (output, truncated) in items.items():
+                self._cache.set(
+                    key, {"output": output, "truncated": truncated, "created": now}, expire=self.ttl
+                )
+        except Exception as exc:
+            log.warning("cache write failed (%s): answer served uncached", exc)
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()

@@ -1,0 +1,238 @@
+"""Usage: every request recorded in an embedded SQLite database (WAL), written by one
+background thread so that logging never slows or fails a request; per-key token spend for
+quotas is kept in memory and persisted by the same thread."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import InsufficientBalance
+
+log = logging.getLogger("appliance.usage")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    key_id TEXT,
+    endpoint TEXT NOT NULL,
+    model TEXT,
+    status INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    tokens INTEGER NOT NULL,
+    cached INTEGER NOT NULL,
+    request_id TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_id, ts);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE TABLE IF NOT EXISTS spend (key_id TEXT PRIMARY KEY, tokens INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    ts: float
+    key_id: str | None
+    endpoint: str
+    model: str | None
+    status: int
+    latency_ms: float
+    tokens: int
+    cached: bool
+    request_id: str | None
+
+
+_STOP = object()
+
+
+class UsageLog:
+    def __init__(self, path: Path, *, retention_days: float, max_pending: int = 100_000) -> None:
+        self.path = path
+        self.retention_s = retention_days * 86400
+        self._queue: queue.Queue[Any] = queue.Queue(max_pending)
+        self._thread: threading.Thread | None = None
+        self._spent: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=5, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        conn.executescript(SCHEMA)
+        self._spent = dict(conn.execute("SELECT key_id, tokens FROM spend").fetchall())
+        conn.close()
+        self._thread = threading.Thread(target=self._writer, name="usage-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Flush what is queued, then stop the writer."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _writer(self) -> None:
+        conn = self._connect()
+        last_prune = 0.0
+        running = True
+        while running:
+            batch: list[Record] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    running = False
+                    break
+                batch.append(item)
+                if len(batch) >= 500:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                self._write(conn, batch)
+                if time.time() - last_prune > 3600:
+                    last_prune = time.time()
+                    conn.execute(
+                        "DELETE FROM requests WHERE ts < ?", (time.time() - self.retention_s,)
+                    )
+                    conn.commit()
+            except sqlite3.Error as exc:
+                log.warning("usage write failed (%d records lost): %s", len(batch), exc)
+        conn.close()
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, batch: list[Record]) -> None:
+        if not batch:
+            return
+        conn.executemany(
+            "INSERT INTO requests (ts, key_id, endpoint, model, status, latency_ms, tokens, "
+            "cached, request_id) VALUES (:ts, :key_id, :endpoint, :model, :status, "
+            ":latency_ms, :tokens, :cached, :request_id)",
+            [asdict(r) for r in batch],
+        )
+        spend: dict[str, int] = {}
+        for r in batch:
+            if r.key_id and r.tokens:
+                spend[r.key_id] = spend.get(r.key_id, 0) + r.tokens
+        conn.executemany(
+            "INSERT INTO spend (key_id, tokens) VALUES (?, ?) "
+            "ON CONFLICT(key_id) DO UPDATE SET tokens = tokens + excluded.tokens",
+            list(spend.items()),
+        )
+        conn.commit()
+
+    # ---- request path (never blocks) -----------------------------------------------------
+    def record(self, record: Record) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning("usage log queue full: %d records dropped so far", self.dropped)
+
+    # ---- quotas --------------------------------------------------------------------------
+    def spent(self, key_id: str) -> int:
+        return self._spent.get(key_id, 0)
+
+    def reserve(self, key_id: str, quota: int | None, tokens: int) -> None:
+        """Count tokens against the key's quota before they are used; 402 if they do not fit."""
+        with self._lock:
+            spent = self._spent.get(key_id, 0)
+            if quota is not None and spent + tokens > quota:
+                raise InsufficientBalance(
+                    f"Token quota exhausted: {spent} of {quota} tokens spent; this request "
+                    f"needs {tokens}.",
+                    details={"token_quota": quota, "spent": spent, "needed": tokens},
+                )
+            self._spent[key_id] = spent + tokens
+
+    def refund(self, key_id: str, tokens: int) -> None:
+        with self._lock:
+            self._spent[key_id] = self._spent.get(key_id, 0) - tokens
+
+    # ---- queries (blocking: run in a thread) ---------------------------------------------
+    def usage(self, key_id: str | None, since: float, until: float) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT date(ts, 'unixepoch') AS day, COALESCE(model, '') AS model, COUNT(*), "
+            "SUM(tokens), SUM(cached) FROM requests WHERE ts >= ? AND ts < ?"
+        )
+        args: list[Any] = [since, until]
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            args.append(key_id)
+        sql += " GROUP BY day, model ORDER BY day, model"
+        with self._reader() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [
+            {
+                "date": d,
+                "model": m or None,
+                "requests": n,
+                "tokens": t or 0,
+                "cached_requests": c or 0,
+            }
+            for d, m, n, t, c in rows
+        ]
+
+    def logs(
+        self,
+        *,
+        key_id: str | None,
+        status: int | None,
+        model: str | None,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        offset: int,
+    ) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        for column, value in (("key_id", key_id), ("status", status), ("model", model)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            clauses.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("ts < ?")
+            args.append(until)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            "SELECT ts, key_id, endpoint, model, status, latency_ms, tokens, cached, request_id "
+            f"FROM requests {where} ORDER BY id DESC LIMIT ? OFFSET ?"
+        )
+        with self._reader() as conn:
+            rows = conn.execute(sql, [*args, limit, offset]).fetchall()
+        return [
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)),
+                "key_id": k,
+                "endpoint": e,
+                "model": m,
+                "status": s,
+                "latency_ms": round(lat, 2),
+                "tokens": t,
+                "cached": bool(c),
+                "request_id": rid,
+            }
+            for ts, k, e, m, s, lat, t, c, rid in rows
+        ]
+
+    def _reader(self) -> contextlib.closing[sqlite3.Connection]:
+        return contextlib.closing(sqlite3.connect(self.path, timeout=5))
