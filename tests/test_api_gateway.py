@@ -441,3 +441,25 @@ def test_secrets_never_reach_disk_or_logs(client: TestClient, admin_key: str, ca
             data = path.read_bytes()
             assert secret.encode() not in data and admin_key.encode() not in data, path
     assert secret not in caplog.text
+
+
+def test_limits_changed_by_the_cli_apply_to_a_running_server(client: TestClient) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    key, secret = client.keys.create("k", ["predict"], requests_per_minute=100)  # type: ignore[attr-defined]
+    assert embed(client, secret, "a").headers["x-ratelimit-limit-requests"] == "100"
+    env = {
+        "APPLIANCE_DATA_DIR": str(client.data_dir),
+        "APPLIANCE_CONFIG": str(client.data_dir / "config.toml"),
+    }  # type: ignore[attr-defined]
+    result = CliRunner().invoke(
+        app,
+        ["keys", "set-limits", key.id, "--requests-per-minute", "5", "--token-quota", "50"],
+        env=env,
+    )
+    assert result.exit_code == 0, result.output
+    r = embed(client, secret, "b")
+    assert r.headers["x-ratelimit-limit-requests"] == "5"
+    assert client.get("/v1/balance", headers={"x-api-key": secret}).json()["token_quota"] == 50
