@@ -17,8 +17,8 @@ from typing import Any
 from litestar import Litestar
 from litestar.di import Provide
 
-from appliance.api import account, docs, health, models, tasks
-from appliance.api.recorder import usage_recorder
+from appliance.api import account, docs, models, operations, tasks
+from appliance.api.recorder import request_recorder
 from appliance.api.request_id import request_id_middleware
 from appliance.config import Settings
 from appliance.errors import exception_handler
@@ -28,6 +28,8 @@ from appliance.gateway.keys import KeyStore
 from appliance.gateway.ratelimit import RateLimiter
 from appliance.gateway.usage import UsageLog
 from appliance.inference import Inference
+from appliance.lifecycle import Lifecycle
+from appliance.metrics import Metrics
 from appliance.models.registry import Registry
 
 log = logging.getLogger("appliance")
@@ -46,11 +48,18 @@ def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
 
 
 def create_app(
-    settings: Settings, *, keys: KeyStore | None = None, limiter: RateLimiter | None = None
+    settings: Settings,
+    *,
+    keys: KeyStore | None = None,
+    limiter: RateLimiter | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> Litestar:
     settings.data_path.mkdir(parents=True, exist_ok=True)
     keys = keys or KeyStore(settings.keys_path)
-    registry = Registry(settings)
+    lifecycle = lifecycle or Lifecycle()
+    metrics = Metrics()
+    registry = Registry(settings, metrics)
+    metrics.watch_models(registry.entries)
     usage = UsageLog(settings.usage_path, retention_days=settings.usage.retention_days)
     cache = ResponseCache(
         settings.cache_path,
@@ -77,8 +86,9 @@ def create_app(
 
     return Litestar(
         route_handlers=[
-            health.healthz,
-            health.readyz,
+            operations.healthz,
+            operations.readyz,
+            operations.metrics_handler(settings.auth.open_metrics),
             models.list_models,
             models.get_model,
             models.predict,
@@ -99,6 +109,8 @@ def create_app(
             "inference": provide(inference),
             "keys": provide(keys),
             "usage": provide(usage),
+            "metrics": provide(metrics),
+            "lifecycle": provide(lifecycle),
         },
         guards=[auth_guard(keys)],
         # 404 and 405 are raised by the router before any handler: they need their own keys.
@@ -107,8 +119,9 @@ def create_app(
             405: exception_handler,
             Exception: exception_handler,
         },
-        middleware=[request_id_middleware, usage_recorder(usage)],
+        middleware=[request_id_middleware, request_recorder(usage, metrics)],
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=docs.openapi_config(),
         lifespan=[lifespan],
+        logging_config=None,  # logging is configured once, by appliance.logs
     )

@@ -6,7 +6,6 @@ Heavy imports (the server stack, and torch/optimum for export) happen inside the
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -46,30 +45,13 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port to bind.")] = None,  # noqa: UP045
 ) -> None:
     """Serve every model in the models directory over HTTP."""
-    server: dict[str, Any] = {
-        k: v for k, v in {"host": host, "port": port}.items() if v is not None
-    }
-    settings = settings_or_exit(config, server=server or None)
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    import uvicorn
+    server_flags = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = settings_or_exit(config, server=server_flags or None)
+    from appliance.logs import configure_logging
+    from appliance.server import run
 
-    from appliance.app import create_app
-
-    typer.echo(
-        f"appliance: models from {settings.models_path}, state in {settings.data_path}, "
-        f"listening on http://{settings.server.host}:{settings.server.port}",
-        err=True,
-    )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        log_level=settings.server.log_level,
-        access_log=False,
-    )
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    run(settings)
 
 
 @keys_app.command("create")
@@ -255,5 +237,5 @@ def export_defaults(
     export_missing_defaults(out or settings.models_path)
 
 
-def main() -> None:  # pragma: no cover
-    app(sys.argv[1:])
+if __name__ == "__main__":  # python -m appliance.cli
+    app(sys.argv[1:], prog_name="appliance")

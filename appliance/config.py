@@ -42,8 +42,14 @@ class ServerConfig(_Section):
     """Largest request body on real-time endpoints; bigger bodies get 413."""
     max_batch_items: Positive = 1000
     """Most items in one batch request; more get 422."""
-    log_level: str = "info"
+    log_level: Annotated[str, msgspec.Meta(pattern="^(?i:debug|info|warning|error|critical)$")] = (
+        "info"
+    )
     """Python logging level name."""
+    log_format: Annotated[str, msgspec.Meta(pattern="^(json|text)$")] = "json"
+    """json: one JSON object per line (request id on every request line); text: plain."""
+    shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    """On SIGTERM, how long in-flight requests may take to finish."""
 
 
 class RuntimeConfig(_Section):
@@ -70,6 +76,8 @@ class AuthConfig(_Section):
     """API keys file, relative to data_dir unless absolute. Secrets are stored hashed."""
     bootstrap_admin_key: bool = True
     """When no key exists, create an admin key at start and write it to data_dir/admin.key."""
+    open_metrics: bool = True
+    """Serve /metrics without a key (false: it needs an admin key)."""
 
 
 class LimitsConfig(_Section):

@@ -33,7 +33,7 @@ class Call:
     write_cache: bool = True
     model: str | None = None
     tokens: int = 0
-    cached: bool = False
+    cache_status: str | None = None
 
     @classmethod
     def for_request(cls, key: ApiKey, cache_control: str = "") -> Call:
@@ -141,7 +141,7 @@ class Inference:
         age = int(time.time() - min(h.created for h in hits.values())) if status == "HIT" else None
         # One item: its own key; a batch: a key over the items' keys.
         joined = keys[0] if len(keys) == 1 else cache_key("", "", "", keys, {}) if keys else None
-        call.tokens, call.cached = tokens, status == "HIT"
+        call.tokens, call.cache_status = tokens, status
         return Outcome(
             model=entry,
             results=[results[i] for i in range(len(inputs))],

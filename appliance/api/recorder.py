@@ -1,8 +1,10 @@
-"""ASGI middleware that hands one usage record per API request to the usage log (which
-writes it on its own thread): status, latency, key, model, tokens, cached, request id."""
+"""ASGI middleware that observes each API request once it is answered: a usage record (written
+by the usage log's own thread), Prometheus metrics, and one JSON access-log line. Never the
+request's headers or body: no secret can reach the logs."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -10,12 +12,15 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.api.request_id import ensure_request_id
 from appliance.gateway.usage import Record, UsageLog
+from appliance.metrics import Metrics
+
+access_log = logging.getLogger("appliance.access")
 
 # Operational and documentation paths are not API usage.
 UNRECORDED_PREFIXES = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/schema")
 
 
-def usage_recorder(usage: UsageLog) -> Any:
+def request_recorder(usage: UsageLog, metrics: Metrics) -> Any:
     def middleware_factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http" or scope["path"].startswith(UNRECORDED_PREFIXES):
@@ -33,23 +38,58 @@ def usage_recorder(usage: UsageLog) -> Any:
             try:
                 await app(scope, receive, capture)
             finally:
-                state = scope.get("state", {})
-                key = state.get("api_key")
-                call = state.get("call")
-                usage.record(
-                    Record(
-                        ts=time.time(),
-                        key_id=key.id if key else None,
-                        endpoint=f"{scope['method']} {scope['path']}",
-                        model=call.model if call else None,
-                        status=status,
-                        latency_ms=(time.perf_counter() - start) * 1000,
-                        tokens=call.tokens if call else 0,
-                        cached=bool(call and call.cached),
-                        request_id=ensure_request_id(scope),
-                    )
-                )
+                seconds = time.perf_counter() - start
+                observe(scope, status, seconds, usage, metrics)
 
         return middleware
 
     return middleware_factory
+
+
+def observe(scope: Scope, status: int, seconds: float, usage: UsageLog, metrics: Metrics) -> None:
+    state = scope.get("state", {})
+    key = state.get("api_key")
+    call = state.get("call")
+    model = call.model if call and call.model else None
+    tokens = call.tokens if call else 0
+    cache = call.cache_status if call else None
+    request_id = ensure_request_id(scope)
+    endpoint = f"{scope['method']} {scope.get('path_template') or scope['path']}"
+
+    usage.record(
+        Record(
+            ts=time.time(),
+            key_id=key.id if key else None,
+            endpoint=f"{scope['method']} {scope['path']}",
+            model=model,
+            status=status,
+            latency_ms=seconds * 1000,
+            tokens=tokens,
+            cached=cache == "HIT",
+            request_id=request_id,
+        )
+    )
+    metrics.requests.labels(endpoint, model or "", str(status)).inc()
+    metrics.request_duration.labels(endpoint).observe(seconds)
+    if status == 429:
+        metrics.rate_limited.inc()
+    if model and tokens:
+        metrics.tokens.labels(model).inc(tokens)
+    if cache == "HIT":
+        metrics.cache_hits.inc()
+    elif cache == "MISS":
+        metrics.cache_misses.inc()
+    access_log.info(
+        "request",
+        extra={
+            "request_id": request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+            "key_id": key.id if key else None,
+            "model": model,
+            "tokens": tokens,
+            "cache": cache,
+        },
+    )

@@ -15,6 +15,7 @@ from typing import Any
 
 from appliance.config import Settings
 from appliance.errors import ModelNotFound, ModelUnavailable
+from appliance.metrics import Metrics
 from appliance.models.manifest import Manifest, ManifestError, read_manifest, verify
 from appliance.runtime.batcher import Batcher
 from appliance.runtime.session import create_session
@@ -44,8 +45,9 @@ class ModelEntry:
 
 
 class Registry:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.models_dir = settings.models_path
         self.aliases = dict(settings.aliases)
         self._entries: dict[str, ModelEntry] = {}
@@ -95,6 +97,7 @@ class Registry:
                     max_batch_tokens=rt.max_batch_tokens,
                     max_wait_s=rt.max_wait_ms / 1000,
                     max_queue=rt.max_queue,
+                    observe=self.metrics.batch_observer(entry.slug) if self.metrics else None,
                 )
                 entry.batcher.start()
             if entry.slug in self._entries:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class _Pending(Generic[T]):
     item: T
     cost: int
     future: asyncio.Future[Any] = field(repr=False)
+    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class Batcher(Generic[T, R]):
@@ -41,8 +43,10 @@ class Batcher(Generic[T, R]):
         max_batch_tokens: int,
         max_wait_s: float,
         max_queue: int,
+        observe: Callable[[int, list[float], float], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._observe = observe  # (items, seconds each waited, seconds the call took)
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -132,6 +136,7 @@ class Batcher(Generic[T, R]):
             batch = [p for p in await self._next_batch() if not p.future.done()]
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [p.item for p in batch]
@@ -142,6 +147,9 @@ class Batcher(Generic[T, R]):
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            if self._observe is not None:
+                took = time.perf_counter() - started
+                self._observe(len(batch), [started - p.enqueued for p in batch], took)
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)

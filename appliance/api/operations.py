@@ -1,0 +1,49 @@
+"""Operations endpoints: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Response, get
+
+from appliance import __version__
+from appliance.lifecycle import Lifecycle
+from appliance.metrics import CONTENT_TYPE, Metrics
+from appliance.models.registry import Registry
+
+
+@get("/healthz", tags=["operations"])
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok", "version": __version__}
+
+
+@get("/readyz", tags=["operations"])
+async def readyz(registry: Registry, lifecycle: Lifecycle) -> Response[dict[str, Any]]:
+    """200 once start-up has loaded and warmed the models. Models that failed are listed with
+    the reason (the others serve: status "degraded"); 503 before start-up ends, when no model
+    can serve, or once shutdown has begun (so load balancers stop sending first)."""
+    models = [
+        {"slug": e.slug, "status": e.status, **({"message": e.message} if e.message else {})}
+        for e in registry.entries()
+    ]
+    serving = [m for m in models if m["status"] == "ready"]
+    if lifecycle.draining:
+        status, code = "draining", 503
+    elif not registry.started:
+        status, code = "starting", 503
+    elif not serving:
+        status, code = "no-models", 503
+    else:
+        status, code = ("ready" if len(serving) == len(models) else "degraded"), 200
+    headers = {"Retry-After": "5"} if code == 503 else {}
+    return Response({"status": status, "models": models}, status_code=code, headers=headers)
+
+
+def metrics_handler(open_access: bool) -> Any:
+    @get("/metrics", tags=["operations"], opt={} if open_access else {"scope": "admin"})
+    async def metrics(metrics: Metrics) -> Response[bytes]:
+        """Prometheus text format."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return metrics

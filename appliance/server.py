@@ -1,0 +1,49 @@
+"""Running the app under uvicorn with a graceful shutdown: on SIGTERM/SIGINT /readyz turns
+503 at once, the listener stops accepting, in-flight requests finish (bounded by
+server.shutdown_grace_seconds), then the lifespan flushes the usage log and frees models."""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+
+from appliance.app import create_app
+from appliance.config import Settings
+from appliance.lifecycle import Lifecycle
+
+log = logging.getLogger("appliance.server")
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.lifecycle.draining:
+            log.info("shutdown requested: draining in-flight requests")
+        self.lifecycle.draining = True
+        super().handle_exit(sig, frame)
+
+
+def run(settings: Settings) -> None:
+    lifecycle = Lifecycle()
+    log.info(
+        "serving models from %s, state in %s, on http://%s:%d",
+        settings.models_path,
+        settings.data_path,
+        settings.server.host,
+        settings.server.port,
+    )
+    config = uvicorn.Config(
+        create_app(settings, lifecycle=lifecycle),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,  # appliance.logs already configured logging
+        access_log=False,  # the app writes its own access line, with the request id
+        timeout_graceful_shutdown=settings.server.shutdown_grace_seconds,
+        server_header=False,
+    )
+    _Server(config, lifecycle).run()
