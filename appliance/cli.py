@@ -183,7 +183,14 @@ def models_verify(config: ConfigOpt = None) -> None:
 @app.command()
 def export(
     source: Annotated[Path, typer.Argument(help="A local Hugging Face checkpoint folder.")],
-    task: Annotated[str, typer.Option(help="feature-extraction or text-classification.")],
+    task: Annotated[
+        str,
+        typer.Option(
+            help="feature-extraction, text-classification, zero-shot-classification, "
+            "question-answering, text-generation, summarisation, zero-shot-image-classification, "
+            "image-classification or custom."
+        ),
+    ],
     name: Annotated[Optional[str], typer.Option(help="Slug of the exported model.")] = None,  # noqa: UP045
     out: Annotated[Optional[Path], typer.Option(help="Models directory to write into.")] = None,  # noqa: UP045
     preset: Annotated[
@@ -196,6 +203,10 @@ def export(
         float, typer.Option(help="Refuse below this INT8-vs-PyTorch cosine.")
     ] = 0.98,
     force: Annotated[bool, typer.Option(help="Write the model even if validation fails.")] = False,
+    gguf_file: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="text-generation: a GGUF file inside SOURCE to dequantise and export."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Export a checkpoint to INT8 ONNX, validate it against PyTorch, write it with a manifest."""
@@ -218,6 +229,7 @@ def export(
             preset=preset,
             min_cosine=min_cosine,
             force=force,
+            options={"gguf_file": gguf_file} if gguf_file else {},
         )
     except ExportError as exc:
         typer.secho(f"export failed: {exc}", fg="red", err=True)

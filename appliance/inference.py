@@ -110,18 +110,24 @@ class Inference:
         assert entry.runner is not None and entry.manifest is not None
         inputs = [entry.runner.parse_input(p) for p in payloads]
 
-        keys: list[str] = []
+        # A key per cacheable item (None: never cached, e.g. sampling without a seed).
+        keys: list[str | None] = [None] * len(inputs)
         if self.cache.enabled and (call.read_cache or call.write_cache):
-            m = entry.manifest
-            params = {"truncate": truncate}
-            keys = [cache_key(entry.slug, m.fingerprint, m.task, i, params) for i in inputs]
-        hits = (
-            await asyncio.to_thread(self.cache.get_many, keys) if keys and call.read_cache else {}
-        )
+            m, runner, params = entry.manifest, entry.runner, {"truncate": truncate}
+            keys = [
+                cache_key(entry.slug, m.fingerprint, m.task, item, params)
+                if runner.cacheable(item)
+                else None
+                for item in inputs
+            ]
+        cacheable = [k for k in keys if k is not None]
+        hits = {}
+        if cacheable and call.read_cache:
+            hits = await asyncio.to_thread(self.cache.get_many, cacheable)
         results = {
             i: ItemResult(hits[k].output, tokens=0, truncated=hits[k].truncated)
             for i, k in enumerate(keys)
-            if k in hits
+            if k is not None and k in hits
         }
         misses = [i for i in range(len(inputs)) if i not in results]
         tokens = 0
@@ -130,17 +136,23 @@ class Inference:
             results.update(zip(misses, computed, strict=True))
             tokens = sum(r.tokens for r in computed)
             limits = self.limiter.state(key.id, rpm, tpm)
-            if keys and call.write_cache:
-                fresh = {keys[i]: (results[i].output, results[i].truncated) for i in misses}
+            fresh = {
+                k: (results[i].output, results[i].truncated)
+                for i in misses
+                if (k := keys[i]) is not None
+            }
+            if fresh and call.write_cache:
                 await asyncio.to_thread(self.cache.set_many, fresh)
 
-        if not keys or not call.read_cache:
+        if not cacheable or not call.read_cache:
             status = "BYPASS"
         else:
             status = "MISS" if misses else "HIT"
         age = int(time.time() - min(h.created for h in hits.values())) if status == "HIT" else None
         # One item: its own key; a batch: a key over the items' keys.
-        joined = keys[0] if len(keys) == 1 else cache_key("", "", "", keys, {}) if keys else None
+        joined = None
+        if cacheable:
+            joined = cacheable[0] if len(keys) == 1 else cache_key("", "", "", keys, {})
         call.tokens, call.cache_status = tokens, status
         return Outcome(
             model=entry,

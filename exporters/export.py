@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -18,7 +20,7 @@ from appliance.models.manifest import Manifest, Validation, write_manifest
 from exporters.checkpoint import ExportError, inspect_checkpoint, slugify
 from exporters.package import install, stage, swap_model
 from exporters.quantize import cpu_preset, quantize, sensitive_nodes
-from exporters.tasks import TASKS
+from exporters.tasks import ALL_TASKS, PIPELINES, TASKS
 from exporters.validate import Validator
 
 __all__ = ["ExportError", "export_model"]
@@ -128,14 +130,32 @@ def export_model(
     min_agreement: float = 0.9,
     force: bool = False,
     console: Console | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Manifest:
-    spec = TASKS.get(task)
-    if spec is None:
-        raise ExportError(f"task {task!r} is not supported; supported: {', '.join(TASKS)}")
+    """Export `source` for `task` into out_dir/slug. `options` go to the task pipelines that
+    take them (e.g. gguf_file for text-generation)."""
+    if task not in ALL_TASKS:
+        raise ExportError(f"task {task!r} is not supported; supported: {', '.join(ALL_TASKS)}")
     slug = slug or slugify(source.name)
     if not SLUG.match(slug):
         raise ExportError(f"slug {slug!r}: use lowercase letters, digits, '.', '_' and '-'")
-    progress = Progress(console or Console(stderr=True))
+    console = console or Console(stderr=True)
+    if task in PIPELINES:
+        module, function = PIPELINES[task].split(":")
+        pipeline = getattr(importlib.import_module(module), function)
+        return pipeline(  # type: ignore[no-any-return]
+            source,
+            out_dir=out_dir,
+            slug=slug,
+            name=name,
+            description=description,
+            preset=preset,
+            force=force,
+            console=console,
+            options=options or {},
+        )
+    spec = TASKS[task]
+    progress = Progress(console)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".export-{slug}-", dir=out_dir))
     try:

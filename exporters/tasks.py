@@ -1,8 +1,15 @@
-"""The export tasks: which optimum task and which transformers class each maps to."""
+"""The export tasks. Encoder tasks share the pipeline in exporters.export; the others have
+their own pipeline module (a function with the signature of `Pipeline`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.console import Console
+
+from appliance.models.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -17,10 +24,7 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec(
-            "feature-extraction",
-            "feature-extraction",
-            "AutoModel",
-            {"text": "iPhone 12 128GB"},
+            "feature-extraction", "feature-extraction", "AutoModel", {"text": "iPhone 12 128GB"}
         ),
         TaskSpec(
             "text-classification",
@@ -30,3 +34,33 @@ TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
+
+
+class Pipeline(Protocol):
+    def __call__(
+        self,
+        source: Path,
+        *,
+        out_dir: Path,
+        slug: str,
+        name: str | None,
+        description: str,
+        preset: str | None,
+        force: bool,
+        console: Console,
+        options: dict[str, Any],
+    ) -> Manifest: ...
+
+
+# task -> "module:function" implementing Pipeline, imported only when used.
+PIPELINES: dict[str, str] = {
+    "zero-shot-classification": "exporters.nli:export_nli",
+    "question-answering": "exporters.qa:export_qa",
+    "text-generation": "exporters.generation:export_generation",
+    "summarisation": "exporters.seq2seq:export_seq2seq",
+    "zero-shot-image-classification": "exporters.vision:export_clip",
+    "image-classification": "exporters.vision:export_image_classifier",
+    "custom": "exporters.custom:export_custom",
+}
+
+ALL_TASKS = (*TASKS, *PIPELINES)

@@ -14,8 +14,6 @@ import msgspec
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
 
-TASKS = ("feature-extraction", "text-classification")
-
 
 class FileEntry(msgspec.Struct, kw_only=True):
     path: str
@@ -48,7 +46,8 @@ class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     task: str
     description: str = ""
     files: dict[str, FileEntry]
-    """Role ("model", "tokenizer") to file."""
+    """Role to file: "model" always; "tokenizer" for text models; tasks may add roles
+    (e.g. "encoder", "decoder" for seq2seq)."""
     inputs: list[str]
     outputs: list[str]
     max_tokens: int
@@ -59,6 +58,9 @@ class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     pooling: str | None = None
     normalize: bool = False
     example_payload: dict[str, Any] = msgspec.field(default_factory=dict)
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Task-specific settings the runner needs (image preprocessing, generation defaults,
+    special token ids, custom input/output declarations, ...)."""
     quantization: Quantization = msgspec.field(default_factory=Quantization)
     sizes: dict[str, int] = msgspec.field(default_factory=dict)
     """fp32_bytes and int8_bytes of the ONNX model."""

@@ -1,30 +1,44 @@
-"""One runner per task kind, all over the shared runtime."""
+"""One runner per task kind, all over the shared runtime.
+
+Runners are found by task name; each lives in its own module, imported only when a model of
+that task is loaded.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import onnxruntime as ort
 
 from appliance.models.manifest import Manifest
 from appliance.tasks.base import ItemResult, Runner
-from appliance.tasks.classify import ClassificationRunner
-from appliance.tasks.embed import EmbeddingRunner
 
-RUNNERS: dict[str, type[Runner]] = {
-    cls.task: cls
-    for cls in (EmbeddingRunner, ClassificationRunner)  # type: ignore[type-abstract]
+# task -> "module:Class"
+RUNNERS: dict[str, str] = {
+    "feature-extraction": "appliance.tasks.embed:EmbeddingRunner",
+    "text-classification": "appliance.tasks.classify:ClassificationRunner",
+    "zero-shot-classification": "appliance.tasks.zero_shot:ZeroShotRunner",
+    "question-answering": "appliance.tasks.qa:QuestionAnsweringRunner",
+    "text-generation": "appliance.tasks.generate:GenerationRunner",
+    "summarisation": "appliance.tasks.summarise:SummarisationRunner",
+    "zero-shot-image-classification": "appliance.tasks.clip:ClipRunner",
+    "image-classification": "appliance.tasks.image:ImageClassificationRunner",
+    "custom": "appliance.tasks.custom:CustomRunner",
 }
 
-__all__ = ["RUNNERS", "ItemResult", "Runner", "build_runner"]
+__all__ = ["RUNNERS", "ItemResult", "Runner", "build_runner", "runner_class"]
+
+
+def runner_class(task: str) -> type[Runner]:
+    try:
+        module, name = RUNNERS[task].split(":")
+    except KeyError:
+        raise ValueError(
+            f"task {task!r} is not served by this appliance (served: {', '.join(sorted(RUNNERS))})"
+        ) from None
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
 
 def build_runner(folder: Path, manifest: Manifest, session: ort.InferenceSession) -> Runner:
-    try:
-        cls = RUNNERS[manifest.task]
-    except KeyError:
-        raise ValueError(
-            f"task {manifest.task!r} is not served by this appliance "
-            f"(served: {', '.join(sorted(RUNNERS))})"
-        ) from None
-    return cls(folder, manifest, session)
+    return runner_class(manifest.task)(folder, manifest, session)

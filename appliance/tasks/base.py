@@ -59,6 +59,10 @@ class Runner(ABC, Generic[In, Prep, Raw]):
     def postprocess(self, item: Prep, raw: Raw) -> ItemResult:
         """The API output for one item."""
 
+    def cacheable(self, item: In) -> bool:
+        """Whether the answer for this input may be cached (sampling without a seed: no)."""
+        return True
+
     def warmup(self) -> None:
         example = self.parse_input(self.manifest.example_payload)
         self.infer(self.preprocess([example]))
