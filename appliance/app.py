@@ -17,7 +17,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.di import Provide
 
-from appliance.api import account, docs, models, operations, tasks
+from appliance.api import account, docs, generation, models, operations, tasks, vision
 from appliance.api.recorder import request_recorder
 from appliance.api.request_id import request_id_middleware
 from appliance.config import Settings
@@ -93,6 +93,8 @@ def create_app(
             models.get_model,
             models.predict,
             tasks.text_vectorisation,
+            *generation.ROUTES,
+            *vision.ROUTES,
             account.list_keys,
             account.create_key,
             account.revoke_key,
