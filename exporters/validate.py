@@ -17,8 +17,18 @@ from exporters.tasks import TaskSpec
 
 
 def appliance_outputs(folder: Path, manifest: Manifest, texts: list[str]) -> np.ndarray:
+    """What the server would answer for each text: the vector, or the label probabilities."""
     runner = build_runner(folder, manifest, create_session(folder / "model.onnx", RuntimeConfig()))
-    return np.stack(runner.infer(runner.preprocess(texts)))
+    items = runner.preprocess([runner.parse_input({"text": t}) for t in texts])
+    outputs = [
+        runner.postprocess(i, r).output for i, r in zip(items, runner.infer(items), strict=True)
+    ]
+    return np.stack(
+        [
+            np.array(o["vector"]) if "vector" in o else np.array(list(o["probabilities"].values()))
+            for o in outputs
+        ]
+    )
 
 
 def torch_outputs(info: CheckpointInfo, spec: TaskSpec, texts: list[str]) -> np.ndarray:

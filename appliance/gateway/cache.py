@@ -9,6 +9,7 @@ them in a thread.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,12 +31,20 @@ class Hit:
     created: float
 
 
+def _plain(value: Any) -> Any:
+    """Parsed inputs are often dataclasses; key them by their fields."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **dataclasses.asdict(value)}
+    raise TypeError(f"cannot key a cache entry on {type(value).__name__}")
+
+
 def cache_key(slug: str, fingerprint: str, task: str, item: Any, params: dict[str, Any]) -> str:
     blob = json.dumps(
         {"model": slug, "files": fingerprint, "task": task, "input": item, "params": params},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
+        default=_plain,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
