@@ -92,7 +92,7 @@ def create_app(
             models.list_models,
             models.get_model,
             models.predict,
-            tasks.text_vectorisation,
+            *tasks.ROUTES,
             *generation.ROUTES,
             *vision.ROUTES,
             account.list_keys,

@@ -116,6 +116,9 @@ class Settings(_Section):
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     aliases: dict[str, str] = msgspec.field(default_factory=lambda: {"english": "all-minilm-l6-v2"})
     """Model names of the task API (english, multilingual, clip, ...) mapped to slugs."""
+    endpoint_aliases: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
+    """Per-endpoint overrides of `aliases`, e.g. {"qa": {"english": "my-squad-model"}}: the
+    task API calls every model "english", but each task needs its own."""
 
     @property
     def data_path(self) -> Path:

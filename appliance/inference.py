@@ -77,8 +77,14 @@ class Inference:
             key.tokens_per_minute or self.limits.tokens_per_minute,
         )
 
-    def model_for(self, ref: str, key: ApiKey, tasks: Collection[str] | None = None) -> ModelEntry:
-        entry = self.registry.resolve(ref)
+    def model_for(
+        self,
+        ref: str,
+        key: ApiKey,
+        tasks: Collection[str] | None = None,
+        endpoint: str | None = None,
+    ) -> ModelEntry:
+        entry = self.registry.resolve(ref, endpoint)
         if not key.allows_model(entry.slug):
             raise Forbidden(
                 f"This API key may not use model '{entry.slug}'.", details={"model": entry.slug}
@@ -100,12 +106,15 @@ class Inference:
         call: Call,
         tasks: Collection[str] | None = None,
         truncate: bool = True,
+        endpoint: str | None = None,
     ) -> Outcome:
+        """Run `payloads` (one input object each) on model `ref`. `tasks`: the model tasks the
+        endpoint accepts; `endpoint`: its name, for per-endpoint aliases."""
         start = time.perf_counter()
         key = call.key
         rpm, tpm = self._rates(key)
         limits = self.limiter.admit_request(key.id, rpm, tpm)
-        entry = self.model_for(ref, key, tasks)
+        entry = self.model_for(ref, key, tasks, endpoint)
         call.model = entry.slug
         assert entry.runner is not None and entry.manifest is not None
         inputs = [entry.runner.parse_input(p) for p in payloads]

@@ -9,7 +9,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,10 @@ from typing import Any
 from rich.console import Console
 
 from appliance.models.manifest import Manifest, Validation, write_manifest
-from exporters.checkpoint import ExportError, inspect_checkpoint, slugify
+from exporters.checkpoint import CheckpointInfo, ExportError, inspect_checkpoint, slugify
 from exporters.package import install, stage, swap_model
 from exporters.quantize import cpu_preset, quantize, sensitive_nodes
-from exporters.tasks import ALL_TASKS, PIPELINES, TASKS
+from exporters.tasks import ALL_TASKS, PIPELINES, TASKS, TaskSpec
 from exporters.validate import Validator
 
 __all__ = ["ExportError", "export_model"]
@@ -155,6 +155,39 @@ def export_model(
             options=options or {},
         )
     spec = TASKS[task]
+    return export_encoder(
+        source,
+        spec,
+        out_dir=out_dir,
+        slug=slug,
+        name=name,
+        description=description,
+        preset=preset,
+        force=force,
+        console=console,
+        make_validator=lambda info: Validator(
+            info, spec, min_cosine=min_cosine, min_agreement=min_agreement
+        ),
+    )
+
+
+def export_encoder(
+    source: Path,
+    spec: TaskSpec,
+    *,
+    out_dir: Path,
+    slug: str,
+    name: str | None,
+    description: str,
+    preset: str | None,
+    force: bool,
+    console: Console,
+    make_validator: Callable[[CheckpointInfo], Callable[[Path, Manifest], Validation]],
+    adjust: Callable[[Manifest], None] | None = None,
+) -> Manifest:
+    """The pipeline every encoder task shares. `make_validator` measures fidelity for the
+    task; `adjust` edits the manifest before it is written (a task built on another one)."""
+    task = spec.name
     progress = Progress(console)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".export-{slug}-", dir=out_dir))
@@ -189,7 +222,7 @@ def export_model(
                 outputs=[o.name for o in graph.output],
             )
         with progress("validating INT8 ONNX against PyTorch"):
-            validator = Validator(info, spec, min_cosine=min_cosine, min_agreement=min_agreement)
+            validator = make_validator(info)
             validation = validator(work / "model", manifest)
             if validation.metrics["min_cosine"] < FIDELITY_GOAL:
                 validation = _keep_sensitive_layers(
@@ -210,6 +243,8 @@ def export_model(
                 f"INT8 model disagrees with PyTorch beyond the thresholds ({report}; "
                 f"need {validation.thresholds}). Nothing was written; --force writes it anyway."
             )
+        if adjust is not None:
+            adjust(manifest)
         write_manifest(work / "model", manifest)
         install(work / "model", out_dir / slug)
         return manifest

@@ -64,16 +64,3 @@ class ModelList(msgspec.Struct):
 
 class ModelDetailEnvelope(msgspec.Struct):
     data: ModelDetail
-
-
-class TextVectorisationBody(msgspec.Struct, kw_only=True):
-    text: str | list[str]
-    """A text, or a list of texts (batch: the answer is a list in the same order)."""
-    model: str = "english"
-    """A model slug or an alias from config (english, multilingual, clip, ...)."""
-    truncate: bool = True
-
-
-class VectorResponse(msgspec.Struct):
-    vector: list[Any]
-    """One vector, or (for a list of texts) a list of vectors in the same order."""

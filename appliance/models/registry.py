@@ -50,6 +50,7 @@ class Registry:
         self.metrics = metrics
         self.models_dir = settings.models_path
         self.aliases = dict(settings.aliases)
+        self.endpoint_aliases = {k: dict(v) for k, v in settings.endpoint_aliases.items()}
         self._entries: dict[str, ModelEntry] = {}
         self.started = False
 
@@ -125,12 +126,13 @@ class Registry:
             raise ModelNotFound(f"Model '{slug}' not found.", details={"model": slug})
         return entry
 
-    def resolve(self, ref: str) -> ModelEntry:
-        """A slug or a config alias to a model that can serve now."""
-        slug = self.aliases.get(ref, ref)
+    def resolve(self, ref: str, endpoint: str | None = None) -> ModelEntry:
+        """A slug or a config alias (the endpoint's own first) to a model that can serve now."""
+        aliases = {**self.aliases, **self.endpoint_aliases.get(endpoint or "", {})}
+        slug = aliases.get(ref, ref)
         entry = self._entries.get(slug)
         if entry is None:
-            if ref in self.aliases:
+            if ref in aliases:
                 raise ModelNotFound(
                     f"Model alias '{ref}' points to '{slug}', which is not installed.",
                     details={"model": ref, "slug": slug},
