@@ -17,9 +17,10 @@ from typing import Any
 from litestar import Litestar
 from litestar.di import Provide
 
-from appliance.api import account, docs, generation, models, operations, tasks, vision
+from appliance.api import account, classify, docs, generation, models, operations, tasks, vision
 from appliance.api.recorder import request_recorder
 from appliance.api.request_id import request_id_middleware
+from appliance.classifiers import ClassifierStore
 from appliance.config import Settings
 from appliance.errors import exception_handler
 from appliance.gateway.auth import auth_guard
@@ -93,6 +94,7 @@ def create_app(
             models.get_model,
             models.predict,
             *tasks.ROUTES,
+            *classify.ROUTES,
             *generation.ROUTES,
             *vision.ROUTES,
             account.list_keys,
@@ -111,6 +113,7 @@ def create_app(
             "inference": provide(inference),
             "keys": provide(keys),
             "usage": provide(usage),
+            "classifiers": provide(ClassifierStore(settings.data_path / "classifiers.json")),
             "metrics": provide(metrics),
             "lifecycle": provide(lifecycle),
         },

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.errors import ValidationFailed
 from appliance.runtime.tokenizer import Encoded
 from appliance.tasks.base import ItemResult, TextEncoderRunner, require_text
 from appliance.tasks.labels import LabelsInput, label_output, parse_labels_input, sigmoid, softmax
@@ -51,7 +52,13 @@ class EmbeddingRunner(TextEncoderRunner[Any]):  # type: ignore[type-var]
 
     def parse_input(self, payload: Any) -> str | LabelsInput:  # type: ignore[override]
         if isinstance(payload, dict) and "labels" in payload:
-            return parse_labels_input(payload)
+            parsed = parse_labels_input(payload)
+            if parsed.labels is None:
+                raise ValidationFailed(
+                    "`labels` is required: an embedding model classifies into the labels you give.",
+                    details={"field": "labels"},
+                )
+            return parsed
         return require_text(payload)
 
     def preprocess(self, inputs: list[Any], *, truncate: bool = True) -> list[EmbedItem]:  # type: ignore[override]

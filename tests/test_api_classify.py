@@ -1,0 +1,223 @@
+"""The classify API of seeds/classify-api.txt: classify, tag, batches, saved classifiers,
+PDF and DOCX inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+
+from tests.documents import b64, make_docx, make_pdf
+
+LABELS = ["product issue", "furniture", "space"]
+TEXT = "I am really mad because my product broke."
+
+
+@pytest.fixture
+def auth(predict_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {predict_key}"}
+
+
+def test_classify(client: TestClient, auth: dict[str, str]) -> None:
+    r = client.post(
+        "/v1/classify", json={"text": TEXT, "labels": LABELS, "model": "tiny-embed"}, headers=auth
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"label", "confidence", "scores", "tokens", "latency_ms", "cached"}
+    assert body["label"] == max(body["scores"], key=body["scores"].get)
+    assert body["confidence"] == body["scores"][body["label"]]
+    assert list(body["scores"]) == LABELS and body["cached"] is False
+    assert body["tokens"] == int(r.headers["x-tokens-used"]) > 0
+    again = client.post(
+        "/v1/classify", json={"text": TEXT, "labels": LABELS, "model": "tiny-embed"}, headers=auth
+    )
+    assert again.json()["cached"] is True and again.json()["tokens"] == 0
+    assert again.headers["x-cache"] == "HIT"
+
+
+def test_classify_threshold_leaves_the_label_empty(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    r = client.post(
+        "/v1/classify",
+        json={"text": TEXT, "labels": LABELS, "model": "tiny-embed", "threshold": 1.0},
+        headers=auth,
+    )
+    assert r.json()["label"] is None and r.json()["confidence"] < 1.0
+
+
+def test_tag(client: TestClient, auth: dict[str, str]) -> None:
+    body = {"text": TEXT, "labels": LABELS, "model": "tiny-embed", "threshold": 0.0}
+    r = client.post("/v1/tag", json=body, headers=auth)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert set(out) == {"labels", "scores", "tokens", "latency_ms", "cached"}
+    assert sorted(out["labels"]) == sorted(LABELS)  # threshold 0: every label
+    ranked = [out["scores"][label] for label in out["labels"]]
+    assert ranked == sorted(ranked, reverse=True)
+    none = client.post("/v1/tag", json={**body, "threshold": 1.0}, headers=auth).json()
+    assert none["labels"] == []
+
+
+def test_tag_with_a_fine_tuned_multi_label_model(client: TestClient, auth: dict[str, str]) -> None:
+    r = client.post("/v1/tag", json={"text": TEXT, "model": "tiny-tags"}, headers=auth)
+    assert r.status_code == 200, r.text
+    assert set(r.json()["scores"]) == {"urgent", "billing", "bug"}
+
+
+@pytest.mark.parametrize("path,key", [("/v1/classify/batch", "label"), ("/v1/tag/batch", "labels")])
+def test_batches(client: TestClient, auth: dict[str, str], path: str, key: str) -> None:
+    texts = [TEXT, "I would like to collaborate with you on social media", "hello"]
+    r = client.post(
+        path, json={"texts": texts, "labels": LABELS, "model": "tiny-embed"}, headers=auth
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"results", "tokens", "latency_ms"}
+    assert len(body["results"]) == 3 and all(key in item for item in body["results"])
+    single = client.post(
+        path.removesuffix("/batch"),
+        json={"text": texts[2], "labels": LABELS, "model": "tiny-embed"},
+        headers=auth,
+    ).json()
+    assert body["results"][2]["scores"] == pytest.approx(single["scores"])
+
+
+def test_batch_over_1000_is_422(client: TestClient, auth: dict[str, str]) -> None:
+    r = client.post(
+        "/v1/classify/batch",
+        json={"texts": ["x"] * 1001, "labels": LABELS, "model": "tiny-embed"},
+        headers=auth,
+    )
+    assert r.status_code == 422 and r.json()["details"]["max_items"] == 1000
+
+
+def test_saved_classifiers_crud_and_use(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(models_dir)
+    auth = {"x-api-key": client.keys.create("k", ["predict"])[1]}
+    spec = {
+        "name": "support-triage",
+        "labels": LABELS,
+        "model": "tiny-embed",
+        "description": "tickets",
+        "multi_label": True,
+        "threshold": 0.2,
+    }
+    r = client.post("/v1/classifiers", json=spec, headers=auth)
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "support-triage" and r.json()["created_at"]
+    assert client.post("/v1/classifiers", json=spec, headers=auth).status_code == 409
+    assert client.get("/v1/classifiers/support-triage", headers=auth).json()["labels"] == LABELS
+    assert [c["name"] for c in client.get("/v1/classifiers", headers=auth).json()["data"]] == [
+        "support-triage"
+    ]
+
+    used = client.post(
+        "/v1/classify", json={"text": TEXT, "classifier": "support-triage"}, headers=auth
+    )
+    assert used.status_code == 200 and list(used.json()["scores"]) == LABELS
+    direct = client.post(
+        "/v1/classify", json={"text": TEXT, "labels": LABELS, "model": "tiny-embed"}, headers=auth
+    )
+    assert used.json()["scores"] == direct.json()["scores"]
+    tagged = client.post(
+        "/v1/tag", json={"text": TEXT, "classifier": "support-triage"}, headers=auth
+    ).json()
+    assert all(tagged["scores"][label] >= 0.2 for label in tagged["labels"])
+
+    client.__exit__(None, None, None)  # restart: saved classifiers survive
+    again = serve(models_dir, data=client.data_dir)
+    auth2 = {"x-api-key": again.keys.create("k2", ["predict"])[1]}
+    assert again.get("/v1/classifiers/support-triage", headers=auth2).status_code == 200
+    assert again.delete("/v1/classifiers/support-triage", headers=auth2).json() == {
+        "name": "support-triage",
+        "deleted": True,
+    }
+    assert again.get("/v1/classifiers/support-triage", headers=auth2).status_code == 404
+    assert (
+        again.post(
+            "/v1/classify", json={"text": "x", "classifier": "nope"}, headers=auth2
+        ).status_code
+        == 404
+    )
+
+
+@pytest.mark.parametrize(
+    "spec,status",
+    [
+        ({"name": "Bad Name", "labels": ["a"], "model": "tiny-embed"}, 422),
+        ({"name": "ok", "labels": [], "model": "tiny-embed"}, 422),
+        ({"name": "ok", "labels": ["a", "a"], "model": "tiny-embed"}, 422),
+        ({"name": "ok", "labels": ["a", " "], "model": "tiny-embed"}, 422),
+        ({"name": "ok", "labels": ["a"], "model": "no-such-model"}, 404),
+        ({"name": "ok", "labels": ["spam"], "model": "tiny-cls"}, 201),
+        ({"name": "ok", "labels": ["eggs"], "model": "tiny-cls"}, 422),
+        ({"name": "ok", "labels": ["a"], "model": "tiny-embed", "threshold": 3}, 422),
+    ],
+)
+def test_classifier_validation(
+    client: TestClient, auth: dict[str, str], spec: dict, status: int
+) -> None:
+    r = client.post("/v1/classifiers", json=spec, headers=auth)
+    assert r.status_code == status, r.text
+
+
+def test_pdf_and_docx_inputs(client: TestClient, auth: dict[str, str]) -> None:
+    base = {"labels": LABELS, "model": "tiny-embed"}
+    from_text = client.post("/v1/classify", json={**base, "text": TEXT}, headers=auth).json()
+    pdf = client.post("/v1/classify", json={**base, "file": b64(make_pdf([TEXT]))}, headers=auth)
+    assert pdf.status_code == 200, pdf.text
+    assert pdf.json()["scores"] == pytest.approx(from_text["scores"], abs=1e-6)
+    docx = client.post("/v1/tag", json={**base, "file": b64(make_docx([TEXT]))}, headers=auth)
+    assert docx.status_code == 200, docx.text
+    assert docx.json()["scores"] is not None
+
+
+@pytest.mark.parametrize(
+    "file,message",
+    [
+        (b64(make_pdf([f"page {i}" for i in range(21)])), "pages"),
+        (b64(make_docx(["x"], page_breaks=25)), "pages"),
+        (b64(b"%PDF-1.4 this is not really a pdf"), "PDF"),
+        (b64(b"PK\x03\x04 broken zip"), "DOCX"),
+        (b64(b"just some bytes"), "PDF or a DOCX"),
+        ("not base64 !!!", "base64"),
+        (b64(make_pdf([""])), "no extractable text"),
+    ],
+    ids=[
+        "pdf-21-pages",
+        "docx-26-pages",
+        "corrupt-pdf",
+        "corrupt-docx",
+        "unknown",
+        "bad-base64",
+        "empty",
+    ],
+)
+def test_bad_files_are_422(
+    client: TestClient, auth: dict[str, str], file: str, message: str
+) -> None:
+    r = client.post(
+        "/v1/classify", json={"file": file, "labels": LABELS, "model": "tiny-embed"}, headers=auth
+    )
+    assert r.status_code == 422, r.text
+    assert message in r.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"labels": LABELS, "model": "tiny-embed"},
+        {"text": TEXT, "file": b64(make_pdf([TEXT])), "labels": LABELS, "model": "tiny-embed"},
+        {"text": TEXT, "labels": LABELS, "model": "tiny-embed", "threshold": -1},
+        {"text": TEXT, "model": "tiny-embed"},
+    ],
+    ids=["neither-text-nor-file", "both", "threshold", "embedding-model-without-labels"],
+)
+def test_bad_classify_requests_are_422(
+    client: TestClient, auth: dict[str, str], body: dict
+) -> None:
+    r = client.post("/v1/classify", json=body, headers=auth)
+    assert r.status_code == 422, r.text
