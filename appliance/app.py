@@ -17,7 +17,17 @@ from typing import Any
 from litestar import Litestar
 from litestar.di import Provide
 
-from appliance.api import account, classify, docs, generation, models, operations, tasks, vision
+from appliance.api import (
+    account,
+    classify,
+    docs,
+    generation,
+    models,
+    openai,
+    operations,
+    tasks,
+    vision,
+)
 from appliance.api.recorder import request_recorder
 from appliance.api.request_id import request_id_middleware
 from appliance.classifiers import ClassifierStore
@@ -95,6 +105,7 @@ def create_app(
             models.predict,
             *tasks.ROUTES,
             *classify.ROUTES,
+            *openai.ROUTES,
             *generation.ROUTES,
             *vision.ROUTES,
             account.list_keys,
