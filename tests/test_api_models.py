@@ -38,7 +38,7 @@ def test_list_models(client: TestClient, predict_key: str, prefix: str) -> None:
         "is_active": True,
         "build_status": "success",
         "description": "",
-        "tasks": ["classify"],
+        "tasks": ["text-classification", "classify", "tag", "emotion"],
     }
 
 
@@ -111,3 +111,41 @@ def test_predict_refuses_batches(client: TestClient, predict_key: str, body: dic
     )
     assert r.status_code == 422
     assert r.json()["code"] == "BATCH_NOT_SUPPORTED"
+
+
+def test_task_api_model_routes(serve, models_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(models_dir, models)
+    client = serve(models)
+    predict = {"x-api-key": client.keys.create("p", ["predict"])[1]}
+    admin = {"x-api-key": client.keys.create("a", ["admin"])[1]}
+    listed = client.get("/models", headers=predict).json()
+    assert {m["id"] for m in listed} == {"model_tiny-embed", "model_tiny-cls", "model_tiny-tags"}
+    entry = next(m for m in listed if m["name"] == "tiny-embed")
+    assert set(entry) == {"id", "name", "description", "tasks", "build_status", "last_deployment"}
+    assert "text-vectorisation" in entry["tasks"] and entry["build_status"] == "success"
+    detail = client.get("/models/tiny-embed?include_global=true", headers=predict).json()
+    assert {"build_message", "model_url", "config_url", "requirements_url"} <= set(detail)
+    assert client.get("/models/nope", headers=predict).status_code == 404
+
+    assert client.delete("/models/tiny-embed", headers=predict).status_code == 403
+    r = client.delete("/models/tiny-embed", headers=admin)
+    assert r.status_code == 200 and r.json() is None
+    assert not (models / "tiny-embed").exists()
+    assert client.get("/models/tiny-embed", headers=predict).status_code == 404
+    gone = client.post(
+        "/v1/text-vectorisation", json={"text": "x", "model": "tiny-embed"}, headers=predict
+    )
+    assert gone.status_code == 404
+    assert client.delete("/v1/models/tiny-cls", headers=admin).json() == {
+        "slug": "tiny-cls",
+        "deleted": True,
+    }
+    assert client.delete("/v1/models/tiny-cls", headers=admin).status_code == 404
+    # The others still serve.
+    ok = client.post(
+        "/api/v1/models/tiny-tags/predict", json={"input": {"text": "x"}}, headers=predict
+    )
+    assert ok.status_code == 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 
 from appliance.api.responses import call_for, inference_response
 from appliance.api.schemas import (
@@ -24,8 +24,26 @@ from appliance.models.registry import ModelEntry, Registry
 
 # The task-API endpoints a model of each task answers.
 TASK_ENDPOINTS = {
-    "feature-extraction": ["text-vectorisation", "embeddings"],
-    "text-classification": ["classify"],
+    "feature-extraction": [
+        "text-vectorisation",
+        "embeddings",
+        "text-classification",
+        "classify",
+        "tag",
+        "emotion",
+    ],
+    "text-classification": ["text-classification", "classify", "tag", "emotion"],
+    "zero-shot-classification": ["text-classification", "classify", "tag", "emotion"],
+    "question-answering": ["qa"],
+    "text-generation": ["text-generation"],
+    "summarisation": ["summarisation"],
+    "zero-shot-image-classification": [
+        "image-classification",
+        "image-vectorisation",
+        "text-vectorisation",
+    ],
+    "image-classification": ["image-classification"],
+    "custom": ["custom"],
 }
 
 
@@ -110,3 +128,67 @@ async def predict(
         ),
     )
     return inference_response(body, outcome)
+
+
+@delete(
+    ["/v1/models/{slug:str}", "/api/v1/models/{slug:str}"],
+    opt={"scope": "admin"},
+    tags=["models"],
+    status_code=200,
+)
+async def delete_model(slug: str, registry: Registry) -> dict[str, Any]:
+    """Stop serving a model (in-flight requests finish), free it and delete its files."""
+    await registry.remove(slug, delete_files=True)
+    return {"slug": slug, "deleted": True}
+
+
+# ---- the task API's model routes (seeds/task-api.txt) ------------------------------------
+def task_api_model(entry: ModelEntry, *, detailed: bool = False) -> dict[str, Any]:
+    m = entry.manifest
+    out: dict[str, Any] = {
+        "id": f"model_{entry.slug}",
+        "name": entry.slug,
+        "description": m.description if m else "",
+        "tasks": TASK_ENDPOINTS.get(m.task, []) if m else [],
+        "build_status": entry.build_status,
+        "last_deployment": m.created_at if m else None,
+    }
+    if detailed:
+        # The hosted API links its storage; here the files are local, so there is no URL.
+        out |= {
+            "build_message": entry.message or "ready",
+            "model_url": None,
+            "config_url": None,
+            "requirements_url": None,
+        }
+    return out
+
+
+@get("/models", opt={"scope": "predict"}, tags=["tasks"])
+async def task_api_models(registry: Registry, include_global: bool = True) -> list[dict[str, Any]]:
+    """Models as the task API lists them: [{id, name, description, tasks, build_status,
+    last_deployment}]."""
+    return [task_api_model(e) for e in registry.entries()]
+
+
+@get("/models/{model:str}", opt={"scope": "predict"}, tags=["tasks"])
+async def task_api_model_detail(model: str, registry: Registry) -> dict[str, Any]:
+    """One model, with its build message."""
+    return task_api_model(registry.get(model), detailed=True)
+
+
+@delete("/models/{model:str}", opt={"scope": "admin"}, tags=["tasks"], status_code=200)
+async def task_api_delete(model: str, registry: Registry) -> None:
+    """Delete a model (the task API answers null)."""
+    await registry.remove(model, delete_files=True)
+
+
+ROUTES = [
+    list_models,
+    get_model,
+    predict,
+    delete_model,
+    task_api_models,
+    task_api_model_detail,
+    task_api_delete,
+]

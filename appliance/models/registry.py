@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,20 @@ class Registry:
         for entry in self._entries.values():
             if entry.batcher is not None:
                 await entry.batcher.stop()
+
+    async def remove(self, slug: str, *, delete_files: bool = False) -> ModelEntry:
+        """Stop routing to the model, let its queued and running work finish, free it, and
+        (delete_files) remove its folder."""
+        entry = self.get(slug)
+        del self._entries[slug]
+        if entry.batcher is not None:
+            await entry.batcher.drain()
+            await entry.batcher.stop()
+        entry.runner, entry.batcher = None, None  # the session goes with the last reference
+        if delete_files:
+            await asyncio.to_thread(shutil.rmtree, entry.folder, True)
+        log.info("model %s removed%s", slug, " and its files deleted" if delete_files else "")
+        return entry
 
     # ---- lookup --------------------------------------------------------------------------
     def entries(self) -> list[ModelEntry]:

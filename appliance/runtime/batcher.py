@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from appliance.errors import Overloaded
+from appliance.errors import ModelUnavailable, Overloaded
 
 log = logging.getLogger("appliance.batcher")
 
@@ -56,6 +56,8 @@ class Batcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self._worker: asyncio.Task[None] | None = None
         self._carry: _Pending[T] | None = None  # the item that overflowed the last batch
+        self._busy = False  # a model call is running
+        self._closed = False
 
     @property
     def depth(self) -> int:
@@ -65,7 +67,16 @@ class Batcher(Generic[T, R]):
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._loop())
 
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Refuse new work, and wait (up to `timeout`) for queued and running work to finish."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self._queue.qsize() or self._carry or self._busy) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
     async def stop(self) -> None:
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -81,6 +92,8 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, items: Sequence[T], costs: Sequence[int]) -> list[R]:
         """Queue the items (all or none) and wait for their results, in order."""
+        if self._closed:
+            raise ModelUnavailable(f"Model {self.name} was removed.", retry_after=1)
         if self._worker is None:
             raise RuntimeError("batcher not started")
         if self._queue.qsize() + len(items) > self.max_queue:
@@ -137,16 +150,19 @@ class Batcher(Generic[T, R]):
             if not batch:
                 continue
             started = time.perf_counter()
+            self._busy = True
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [p.item for p in batch]
                 )
             except Exception as exc:  # the whole call failed: every waiter hears of it
+                self._busy = False
                 log.exception("model %s: batch of %d failed", self.name, len(batch))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            self._busy = False
             if self._observe is not None:
                 took = time.perf_counter() - started
                 self._observe(len(batch), [started - p.enqueued for p in batch], took)
