@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from appliance import __version__
-from appliance.models.manifest import Manifest, Quantization, file_entry
+from appliance.models.manifest import Manifest, Quantization, file_entry, install_folder
 from exporters.checkpoint import CheckpointInfo
 from exporters.tasks import TaskSpec
 
@@ -108,13 +108,4 @@ def swap_model(
     manifest.quantization = quantization
 
 
-def install(stage_dir: Path, target: Path) -> None:
-    """Swap the staged folder in; a previous export of the same slug is replaced whole."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        target.rename(old)
-    stage_dir.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
+install = install_folder

@@ -30,9 +30,9 @@ def model_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = Batcher.submit
 
-    async def counting(self, items, costs):  # type: ignore[no-untyped-def]
+    async def counting(self, items, costs, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(len(items))
-        return await original(self, items, costs)
+        return await original(self, items, costs, **kwargs)
 
     monkeypatch.setattr(Batcher, "submit", counting)
     return calls

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, delete, get, post
+from litestar import Request, Response, delete, get, post, put
 
 from appliance.api.responses import call_for, inference_response
 from appliance.api.schemas import (
@@ -20,6 +20,7 @@ from appliance.api.schemas import (
 )
 from appliance.errors import BatchNotSupported, request_id_of
 from appliance.inference import Inference
+from appliance.models.builds import Builds
 from appliance.models.registry import ModelEntry, Registry
 
 # The task-API endpoints a model of each task answers.
@@ -183,7 +184,71 @@ async def task_api_delete(model: str, registry: Registry) -> None:
     await registry.remove(model, delete_files=True)
 
 
+# ---- adding models while serving ---------------------------------------------------------
+class UploadUrlBody(msgspec.Struct, kw_only=True):
+    model_name: str
+    task: str | None = None
+    """The checkpoint's task, when its config does not make it clear."""
+
+
+def _accepted(slug: str) -> Response[dict[str, Any]]:
+    body = {
+        "data": {
+            "slug": slug,
+            "build_status": "building",
+            "call_url": f"/api/v1/models/{slug}/predict",
+        }
+    }
+    return Response(body, status_code=202)
+
+
+@post(
+    ["/v1/models", "/api/v1/models"],
+    opt={"scope": "admin"},
+    tags=["models"],
+    request_max_body_size=None,  # streamed to disk under models.max_upload_bytes
+)
+async def upload_model(
+    request: Request[Any, Any, Any], builds: Builds, name: str, task: str | None = None
+) -> Response[dict[str, Any]]:
+    """Add a model: the body is a zip (Content-Type application/zip) of an exported model
+    folder or of a Hugging Face checkpoint, which is exported and quantised in the
+    background. 202 with build_status "building"; poll GET /v1/models/{name}."""
+    await builds.receive(request.stream(), name, task)
+    return _accepted(name)
+
+
+@post(
+    "/upload-url",
+    opt={"scope": "admin"},
+    tags=["tasks"],
+    status_code=200,
+    media_type="application/json",
+)
+async def upload_url(
+    data: UploadUrlBody, request: Request[Any, Any, Any], builds: Builds
+) -> Response[bytes]:
+    """A URL on this appliance, valid for an hour, that takes the model zip by PUT (the
+    answer is the URL as a JSON string, as the task API gives it)."""
+    token = builds.grant(data.model_name, data.task)
+    url = f"{str(request.base_url).rstrip('/')}/uploads/{token}"
+    return Response(msgspec.json.encode(url), media_type="application/json")
+
+
+@put("/uploads/{token:str}", tags=["tasks"], request_max_body_size=None)
+async def upload_by_url(
+    token: str, request: Request[Any, Any, Any], builds: Builds
+) -> Response[dict[str, Any]]:
+    """PUT the zip to a URL from POST /upload-url (the URL itself is the credential)."""
+    grant = builds.redeem(token)
+    await builds.receive(request.stream(), grant.slug, grant.task)
+    return _accepted(grant.slug)
+
+
 ROUTES = [
+    upload_model,
+    upload_url,
+    upload_by_url,
     list_models,
     get_model,
     predict,

@@ -134,3 +134,18 @@ def verify(folder: Path, manifest: Manifest) -> None:
             )
         if sha256_file(path) != entry.sha256:
             raise ManifestError(f"{role} file {entry.path} does not match its sha256")
+
+
+def install_folder(stage: Path, target: Path) -> None:
+    """Swap a complete model folder in by renames, so a reader never sees a half-written one;
+    a previous folder of the same name is replaced whole."""
+    import shutil
+
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    stage.rename(target)
+    if old.exists():
+        shutil.rmtree(old)

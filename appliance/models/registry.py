@@ -2,11 +2,15 @@
 
 A folder that fails (no manifest, altered file, unknown task, session error) is kept as a
 failed entry with the reason, so /readyz and the models list can say why; the others serve.
+Models come and go while serving: the folder is watched, uploads are added, deletes remove.
+A model is swapped in whole (loaded and warmed first); the one it replaces keeps answering
+the requests that already chose it for a grace period, then drains and is freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -17,7 +21,7 @@ from typing import Any
 from appliance.config import Settings
 from appliance.errors import ModelNotFound, ModelUnavailable
 from appliance.metrics import Metrics
-from appliance.models.manifest import Manifest, ManifestError, read_manifest, verify
+from appliance.models.manifest import MANIFEST_FILE, Manifest, ManifestError, read_manifest, verify
 from appliance.runtime.batcher import Batcher
 from appliance.runtime.session import create_session
 from appliance.tasks import Runner, build_runner
@@ -29,7 +33,7 @@ log = logging.getLogger("appliance.registry")
 class ModelEntry:
     slug: str
     folder: Path
-    status: str  # "ready" | "fail"
+    status: str  # "ready" | "fail" | "building"
     message: str = ""
     manifest: Manifest | None = None
     runner: Runner | None = None
@@ -42,7 +46,16 @@ class ModelEntry:
 
     @property
     def build_status(self) -> str:
-        return "success" if self.status == "ready" else "fail"
+        return {"ready": "success", "building": "building"}.get(self.status, "fail")
+
+
+def _version(folder: Path) -> tuple[int, int, int] | None:
+    """Changes whenever the folder's manifest is rewritten or the folder is swapped."""
+    try:
+        st = (folder / MANIFEST_FILE).stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class Registry:
@@ -53,6 +66,12 @@ class Registry:
         self.aliases = dict(settings.aliases)
         self.endpoint_aliases = {k: dict(v) for k, v in settings.endpoint_aliases.items()}
         self._entries: dict[str, ModelEntry] = {}
+        self._builds: dict[str, ModelEntry] = {}  # uploads being built, or whose build failed
+        self._seen: dict[Path, tuple[int, int, int] | None] = {}
+        self._missing: dict[Path, int] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
         self.started = False
 
     # ---- loading -------------------------------------------------------------------------
@@ -61,7 +80,12 @@ class Registry:
         slug = folder.name
         try:
             manifest = read_manifest(folder)
-            slug = manifest.slug
+            if manifest.slug != slug:
+                # The folder name is the model's identity on disk (and unique): it wins.
+                log.warning(
+                    "folder %s holds a manifest for %s: served as %s", slug, manifest.slug, slug
+                )
+                manifest.slug = slug
             verify(folder, manifest)
             session = create_session(folder / manifest.files["model"].path, self.settings.runtime)
             runner = build_runner(folder, manifest, session)
@@ -77,66 +101,156 @@ class Registry:
         log.info("model %s (%s) ready in %.2fs", slug, manifest.task, took)
         return ModelEntry(slug, folder, "ready", "", manifest, runner, load_seconds=took)
 
+    def _folders(self) -> list[Path]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(
+            p for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
     def scan(self) -> list[ModelEntry]:
         if not self.models_dir.is_dir():
             log.warning("models dir %s does not exist", self.models_dir)
-            return []
-        folders = sorted(
-            p for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        entries = []
+        for folder in self._folders():
+            self._seen[folder] = _version(folder)
+            entries.append(self._load(folder))
+        return entries
+
+    def _activate(self, entry: ModelEntry) -> None:
+        if entry.runner is None:
+            return
+        rt = self.settings.runtime
+        entry.batcher = Batcher(
+            entry.runner.infer,
+            name=entry.slug,
+            max_batch_size=rt.max_batch_size,
+            max_batch_tokens=rt.max_batch_tokens,
+            max_wait_s=rt.max_wait_ms / 1000,
+            max_queue=rt.max_queue,
+            observe=self.metrics.batch_observer(entry.slug) if self.metrics else None,
         )
-        return [self._load(folder) for folder in folders]
+        entry.batcher.start()
+
+    def _install(self, entry: ModelEntry) -> None:
+        old = self._entries.get(entry.slug)
+        if old is not None and old.is_active and not entry.is_active:
+            # A broken copy must not take a working model's place: keep serving the old one.
+            log.error("model %s keeps serving from %s: %s", entry.slug, old.folder, entry.message)
+            return
+        self._activate(entry)
+        self._entries[entry.slug] = entry
+        if entry.is_active:
+            self._builds.pop(entry.slug, None)
+        if old is not None and old is not entry:
+            self._retire(old)
+
+    def _retire(self, entry: ModelEntry, grace: float | None = None) -> None:
+        """Let requests that already chose `entry` finish on it, then free it."""
+
+        async def retire() -> None:
+            await asyncio.sleep(
+                self.settings.models.retire_grace_seconds if grace is None else grace
+            )
+            if entry.batcher is not None:
+                await entry.batcher.drain()
+                await entry.batcher.stop()
+            entry.runner, entry.batcher = None, None
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def start(self) -> None:
         entries = await asyncio.to_thread(self.scan)
-        rt = self.settings.runtime
         for entry in entries:
-            if entry.runner is not None:
-                runner = entry.runner
-                entry.batcher = Batcher(
-                    runner.infer,
-                    name=entry.slug,
-                    max_batch_size=rt.max_batch_size,
-                    max_batch_tokens=rt.max_batch_tokens,
-                    max_wait_s=rt.max_wait_ms / 1000,
-                    max_queue=rt.max_queue,
-                    observe=self.metrics.batch_observer(entry.slug) if self.metrics else None,
-                )
-                entry.batcher.start()
-            if entry.slug in self._entries:
-                log.error(
-                    "two folders claim slug %s; keeping %s",
-                    entry.slug,
-                    self._entries[entry.slug].folder,
-                )
-                continue
-            self._entries[entry.slug] = entry
+            self._install(entry)
         self.started = True
+        if self.settings.models.watch_interval_seconds > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for task in list(self._retiring):
+            task.cancel()
         for entry in self._entries.values():
             if entry.batcher is not None:
                 await entry.batcher.stop()
 
+    # ---- changes while serving -----------------------------------------------------------
+    async def add(self, folder: Path) -> ModelEntry:
+        """Load (and warm) the model in `folder` off the event loop, then swap it in."""
+        entry = await asyncio.to_thread(self._load, folder)
+        async with self._lock:
+            self._seen[folder] = _version(folder)
+            self._install(entry)
+        return entry
+
     async def remove(self, slug: str, *, delete_files: bool = False) -> ModelEntry:
-        """Stop routing to the model, let its queued and running work finish, free it, and
+        """Stop routing to the model; requests that chose it finish; then free it and
         (delete_files) remove its folder."""
-        entry = self.get(slug)
-        del self._entries[slug]
-        if entry.batcher is not None:
-            await entry.batcher.drain()
-            await entry.batcher.stop()
-        entry.runner, entry.batcher = None, None  # the session goes with the last reference
-        if delete_files:
-            await asyncio.to_thread(shutil.rmtree, entry.folder, True)
+        entry = self._entries.get(slug) or self._builds.get(slug)
+        if entry is None:
+            raise ModelNotFound(f"Model '{slug}' not found.", details={"model": slug})
+        async with self._lock:
+            self._entries.pop(slug, None)
+            self._builds.pop(slug, None)
+            self._seen.pop(entry.folder, None)
+            if delete_files:
+                await asyncio.to_thread(shutil.rmtree, entry.folder, True)
+        self._retire(entry, grace=0)
         log.info("model %s removed%s", slug, " and its files deleted" if delete_files else "")
         return entry
 
+    def set_build(self, slug: str, status: str, message: str) -> None:
+        """Show an upload's build in the models list ("building", or "fail" with why)."""
+        self._builds[slug] = ModelEntry(slug, self.models_dir / slug, status, message)
+
+    async def _watch(self) -> None:
+        interval = self.settings.models.watch_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sync()
+            except Exception:  # a bad folder must never stop the watcher
+                log.exception("models dir scan failed")
+
+    async def sync(self) -> None:
+        """Pick up folders added or replaced in models_dir, and drop the ones that went."""
+        folders = await asyncio.to_thread(self._folders)
+        for folder in folders:
+            self._missing.pop(folder, None)
+            version = await asyncio.to_thread(_version, folder)
+            if folder not in self._seen or version != self._seen[folder]:
+                log.info(
+                    "models dir: %s %s",
+                    "new" if folder not in self._seen else "changed",
+                    folder.name,
+                )
+                await self.add(folder)
+        present = set(folders)
+        for entry in list(self._entries.values()):
+            if entry.folder in present:
+                continue
+            # An exporter swaps folders by renaming: gone twice in a row means really gone.
+            self._missing[entry.folder] = self._missing.get(entry.folder, 0) + 1
+            if self._missing[entry.folder] >= 2:
+                self._missing.pop(entry.folder)
+                await self.remove(entry.slug)
+
     # ---- lookup --------------------------------------------------------------------------
     def entries(self) -> list[ModelEntry]:
-        return list(self._entries.values())
+        shown = dict(self._builds)
+        shown.update(
+            {slug: e for slug, e in self._entries.items() if e.is_active or slug not in shown}
+        )
+        return list(shown.values())
 
     def get(self, slug: str) -> ModelEntry:
-        entry = self._entries.get(slug)
+        entry = self._entries.get(slug) or self._builds.get(slug)
         if entry is None:
             raise ModelNotFound(f"Model '{slug}' not found.", details={"model": slug})
         return entry
@@ -145,7 +259,7 @@ class Registry:
         """A slug or a config alias (the endpoint's own first) to a model that can serve now."""
         aliases = {**self.aliases, **self.endpoint_aliases.get(endpoint or "", {})}
         slug = aliases.get(ref, ref)
-        entry = self._entries.get(slug)
+        entry = self._entries.get(slug) or self._builds.get(slug)
         if entry is None:
             if ref in aliases:
                 raise ModelNotFound(
@@ -153,6 +267,12 @@ class Registry:
                     details={"model": ref, "slug": slug},
                 )
             raise ModelNotFound(f"Model '{ref}' not found.", details={"model": ref})
+        if entry.status == "building":
+            raise ModelUnavailable(
+                f"Model '{slug}' is being built.",
+                details={"model": slug, "build_status": "building"},
+                retry_after=30,
+            )
         if not entry.is_active:
             raise ModelUnavailable(
                 f"Model '{slug}' failed to load: {entry.message}",

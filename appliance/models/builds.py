@@ -1,0 +1,274 @@
+"""Models uploaded while serving: a zip of an exported model folder (verified against its
+manifest and installed) or of a Hugging Face checkpoint (exported and quantised in the
+background by the exporter, in a separate, lower-priority process, so a failing or slow
+export can neither crash nor slow the server). Progress shows as the model's build_status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.config import Settings
+from appliance.errors import NotFound, PayloadTooLarge, ValidationFailed
+from appliance.models.archive import discard, unpack
+from appliance.models.manifest import (
+    MANIFEST_FILE,
+    ManifestError,
+    install_folder,
+    read_manifest,
+    verify,
+    write_manifest,
+)
+from appliance.models.registry import Registry
+from appliance.tasks import RUNNERS
+
+log = logging.getLogger("appliance.builds")
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{2,99}$")
+UPLOAD_URL_TTL = 3600
+
+# Architectures' suffixes -> the export task, for uploads that do not say their task.
+_ARCHITECTURES = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForCausalLM", "text-generation"),
+    ("ForConditionalGeneration", "summarisation"),
+    ("ForImageClassification", "image-classification"),
+    ("CLIPModel", "zero-shot-image-classification"),
+    ("Model", "feature-extraction"),
+)
+
+
+def guess_task(config: dict[str, object]) -> str | None:
+    for arch in config.get("architectures") or []:  # type: ignore[union-attr]
+        for suffix, task in _ARCHITECTURES:
+            if str(arch).endswith(suffix):
+                return task
+    return None
+
+
+class BuildFailed(Exception):
+    """An uploaded model could not be built; the message says why."""
+
+
+@dataclass(frozen=True)
+class UploadGrant:
+    slug: str
+    task: str | None
+    expires: float
+
+
+class Builds:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.uploads = settings.data_path / "uploads"
+        self._grants: dict[str, UploadGrant] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- upload URLs (task-API compatibility) --------------------------------------------
+    def grant(self, slug: str, task: str | None) -> str:
+        self._check_slug(slug)
+        now = time.time()
+        self._grants = {t: g for t, g in self._grants.items() if g.expires > now}
+        token = secrets.token_urlsafe(24)
+        self._grants[token] = UploadGrant(slug, task, now + UPLOAD_URL_TTL)
+        return token
+
+    def redeem(self, token: str) -> UploadGrant:
+        grant = self._grants.pop(token, None)
+        if grant is None or grant.expires < time.time():
+            raise NotFound("This upload URL is unknown, used or expired.")
+        return grant
+
+    # ---- receiving -----------------------------------------------------------------------
+    @staticmethod
+    def _check_slug(slug: str) -> None:
+        if not SLUG.match(slug):
+            raise ValidationFailed(
+                "`name` must be 3-100 lowercase letters, digits, '-' or '_'.",
+                details={"field": "name"},
+            )
+
+    async def receive(self, body: AsyncIterator[bytes], slug: str, task: str | None) -> str:
+        """Store the zip (streamed, capped), check it, and build it in the background.
+        Returns the build status ("building"); bad uploads raise a 4xx at once."""
+        self._check_slug(slug)
+        if task is not None and task not in RUNNERS:
+            raise ValidationFailed(
+                f"Unknown task '{task}'; tasks: {', '.join(RUNNERS)}.", details={"field": "task"}
+            )
+        zip_path = await self._store(body)
+        staging = self.uploads / zip_path.stem
+        try:
+            root = await asyncio.to_thread(
+                unpack,
+                zip_path,
+                staging,
+                max_unpacked_bytes=self.settings.models.max_unpacked_bytes,
+                max_ratio=self.settings.models.max_compression_ratio,
+            )
+            exported = (root / MANIFEST_FILE).is_file()
+            if exported:
+                await asyncio.to_thread(self._check_exported, root)
+            else:
+                task = task or await asyncio.to_thread(self._checkpoint_task, root)
+        except BaseException:
+            discard(staging)
+            raise
+        finally:
+            zip_path.unlink(missing_ok=True)
+        self.registry.set_build(slug, "building", "exporting" if not exported else "installing")
+        job = asyncio.get_running_loop().create_task(
+            self._build(slug, task, root, staging, exported)
+        )
+        self._tasks.add(job)
+        job.add_done_callback(self._tasks.discard)
+        return "building"
+
+    @staticmethod
+    def _check_exported(root: Path) -> None:
+        try:
+            verify(root, read_manifest(root))
+        except ManifestError as exc:
+            raise ValidationFailed(
+                f"The exported model does not verify: {exc}", details={"field": "body"}
+            ) from None
+
+    @staticmethod
+    def _checkpoint_task(root: Path) -> str:
+        config = root / "config.json"
+        if not config.is_file():
+            raise ValidationFailed(
+                "The zip holds neither an exported model (manifest.json) nor a Hugging Face "
+                "checkpoint (config.json).",
+                details={"field": "body"},
+            )
+        try:
+            task = guess_task(json.loads(config.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValidationFailed(
+                "config.json is not valid JSON.", details={"field": "body"}
+            ) from None
+        if task is None:
+            raise ValidationFailed(
+                "Cannot tell the checkpoint's task from its config: give ?task=.",
+                details={"field": "task"},
+            )
+        return task
+
+    async def _build(
+        self, slug: str, task: str | None, root: Path, staging: Path, exported: bool
+    ) -> None:
+        target = self.settings.models_path / slug
+        try:
+            if exported:
+                await asyncio.to_thread(self._install_exported, root, slug)
+            else:
+                assert task is not None
+                await self._export(root, task, slug)
+            entry = await self.registry.add(target)
+            if not entry.is_active:
+                self.registry.set_build(slug, "fail", entry.message)
+        except BuildFailed as exc:
+            log.error("build of %s failed: %s", slug, exc)
+            self.registry.set_build(slug, "fail", str(exc))
+        except Exception as exc:
+            log.exception("build of %s failed", slug)
+            self.registry.set_build(slug, "fail", f"{type(exc).__name__}: {exc}")
+        finally:
+            discard(staging)
+
+    def _install_exported(self, root: Path, slug: str) -> None:
+        manifest = read_manifest(root)
+        if manifest.slug != slug:
+            manifest.slug, manifest.code = slug, slug.upper().replace("-", "_")
+            write_manifest(root, manifest)
+        self.settings.models_path.mkdir(parents=True, exist_ok=True)
+        stage = self.settings.models_path / f".upload-{slug}-{uuid.uuid4().hex[:8]}"
+        shutil.move(str(root), stage)
+        install_folder(stage, self.settings.models_path / slug)
+
+    async def _export(self, root: Path, task: str, slug: str) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "appliance.cli",
+            "export",
+            str(root),
+            "--task",
+            task,
+            "--name",
+            slug,
+            "--out",
+            str(self.settings.models_path),
+        ]
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "APPLIANCE_DATA_DIR": str(self.settings.data_path),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            preexec_fn=lambda: os.nice(10),  # serving keeps the CPU first
+        )
+        try:
+            output, _ = await asyncio.wait_for(
+                proc.communicate(), timeout=self.settings.models.build_timeout_seconds
+            )
+        except TimeoutError:
+            proc.kill()
+            raise BuildFailed(
+                f"export took longer than {self.settings.models.build_timeout_seconds} s"
+            ) from None
+        if proc.returncode != 0:
+            lines = [ln for ln in output.decode(errors="replace").splitlines() if ln.strip()]
+            reason = next(
+                (ln for ln in reversed(lines) if "export failed" in ln or "error" in ln.lower()), ""
+            )
+            raise BuildFailed(
+                (reason or (lines[-1] if lines else f"exit {proc.returncode}")).strip()
+            )
+
+    async def stop(self) -> None:
+        for job in list(self._tasks):
+            job.cancel()
+
+    async def _store(self, body: AsyncIterator[bytes]) -> Path:
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        path = self.uploads / f"{uuid.uuid4().hex}.zip"
+        cap = self.settings.models.max_upload_bytes
+        size = 0
+        try:
+            with open(path, "wb") as out:
+                async for chunk in body:
+                    size += len(chunk)
+                    if size > cap:
+                        raise PayloadTooLarge(
+                            f"The zip is larger than {cap} bytes.", details={"max_bytes": cap}
+                        )
+                    await asyncio.to_thread(out.write, chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if size == 0:
+            path.unlink(missing_ok=True)
+            raise ValidationFailed(
+                "The request body is empty: send the model zip.", details={"field": "body"}
+            )
+        return path
