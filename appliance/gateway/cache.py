@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import diskcache
+import numpy as np
 
 log = logging.getLogger("appliance.cache")
 
@@ -35,6 +36,8 @@ def _plain(value: Any) -> Any:
     """Parsed inputs are often dataclasses; key them by their fields."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"type": type(value).__name__, **dataclasses.asdict(value)}
+    if isinstance(value, np.ndarray):
+        return {"dtype": str(value.dtype), "shape": list(value.shape), "data": value.tolist()}
     raise TypeError(f"cannot key a cache entry on {type(value).__name__}")
 
 
