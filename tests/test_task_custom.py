@@ -1,4 +1,4 @@
-"""Custom models: an ONNX graph exported as-is (INT8), its declared inputs fed from request fields."""
+"""Custom models: an ONNX graph exported as INT8, its declared inputs fed from request fields."""
 
 from __future__ import annotations
 
