@@ -237,6 +237,37 @@ def export(
     typer.echo(f"wrote {(out or settings.models_path) / manifest.slug}")
 
 
+@app.command()
+def bundle(
+    out: Annotated[Path, typer.Argument(help="The bundle to write (.tar or .tar.gz).")],
+    platform: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Target platform tag for the wheels, e.g. manylinux2014_aarch64."),
+    ] = None,
+    python_version: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Target Python version for the wheels, e.g. 3.11."),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Pack wheels, models, config and an offline install script for an air-gapped site."""
+    from appliance.bundle import BundleError, make_bundle
+
+    settings = settings_or_exit(config)
+    try:
+        make_bundle(
+            out,
+            models_dir=settings.models_path,
+            source=Path(__file__).resolve().parent.parent,
+            platform=platform,
+            python_version=python_version,
+            log=typer.echo,
+        )
+    except BundleError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command("export-defaults")
 def export_defaults(
     out: Annotated[Optional[Path], typer.Option(help="Models directory to write into.")] = None,  # noqa: UP045
