@@ -207,12 +207,16 @@ def export(
         Optional[str],  # noqa: UP045
         typer.Option(help="text-generation: a GGUF file inside SOURCE to dequantise and export."),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Check the checkpoint and show the plan; write nothing."),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Export a checkpoint to INT8 ONNX, validate it against PyTorch, write it with a manifest."""
     settings = settings_or_exit(config)
     try:
-        from exporters.export import ExportError, export_model
+        from exporters.export import ExportError, export_model, plan_export
     except ImportError as exc:
         typer.secho(
             f"the exporter needs the export extra (pip install '.[export]'): {exc}",
@@ -220,6 +224,16 @@ def export(
             err=True,
         )
         raise typer.Exit(2) from None
+    if dry_run:
+        try:
+            plan = plan_export(source, task, preset)
+        except ExportError as exc:
+            typer.secho(f"export would fail: {exc}", fg="red", err=True)
+            raise typer.Exit(1) from None
+        for key, value in plan.items():
+            typer.echo(f"{key:16} {value}")
+        typer.echo(f"would write {(out or settings.models_path) / (name or source.name)}")
+        return
     try:
         manifest = export_model(
             source,

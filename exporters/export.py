@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from appliance.models.manifest import Manifest, Validation, write_manifest
 from exporters.checkpoint import CheckpointInfo, ExportError, inspect_checkpoint, slugify
@@ -46,6 +47,62 @@ class Progress:
         with self.console.status(label):
             yield
         self.console.print(f"{label} ... done ({time.perf_counter() - start:.1f}s)")
+
+
+def measure_speed(fp32: Path, int8: Path, manifest: Manifest, runs: int = 5) -> dict[str, int]:
+    """Median microseconds per call, fp32 vs INT8, on this machine, on the sample texts."""
+    import statistics
+
+    from appliance.config import RuntimeConfig
+    from appliance.runtime.session import create_session
+    from appliance.tasks import build_runner
+
+    runner = build_runner(int8.parent, manifest, create_session(int8, RuntimeConfig()))
+    if not hasattr(runner, "tokenizer"):
+        return {}
+    from exporters.samples import SAMPLE_TEXTS
+
+    arrays = runner.tokenizer.pad(runner.tokenizer.encode(SAMPLE_TEXTS[:8]))
+    timings = {}
+    for label, path in (("fp32_us", fp32), ("int8_us", int8)):
+        session = create_session(path, RuntimeConfig())
+        names = {i.name for i in session.get_inputs()}
+        feeds = {k: v for k, v in arrays.items() if k in names}
+        session.run(None, feeds)
+        samples = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            samples.append(time.perf_counter() - start)
+        timings[label] = int(statistics.median(samples) * 1e6)
+    return timings
+
+
+def report_table(manifest: Manifest, validation: Validation) -> Table:
+    """What the export measured: fidelity against PyTorch, sizes and speed."""
+    table = Table(title=f"{manifest.slug}: INT8 vs the original", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("threshold", justify="right")
+    for key, value in validation.metrics.items():
+        limit = validation.thresholds.get(key)
+        table.add_row(key, f"{value:.4f}", "" if limit is None else f">= {limit}")
+    sizes = manifest.sizes
+    table.add_row(
+        "size fp32 / INT8",
+        f"{sizes['fp32_bytes'] / 1e6:.1f} / {sizes['int8_bytes'] / 1e6:.1f} MB",
+        f"{sizes['int8_bytes'] / sizes['fp32_bytes']:.0%}",
+    )
+    if "fp32_us" in sizes:
+        table.add_row(
+            "batch of 8, fp32 / INT8",
+            f"{sizes['fp32_us'] / 1000:.1f} / {sizes['int8_us'] / 1000:.1f} ms",
+            f"x{sizes['fp32_us'] / max(sizes['int8_us'], 1):.2f}",
+        )
+    if manifest.quantization.nodes_excluded:
+        table.add_row("layers kept in fp32", str(len(manifest.quantization.nodes_excluded)), "")
+    table.add_row("result", "passed" if validation.passed else "FAILED", "")
+    return table
 
 
 def _onnx_export(source: Path, optimum_task: str, out: Path) -> None:
@@ -115,6 +172,31 @@ def _keep_sensitive_layers(
             return result
     swap_model(stage_dir, manifest, base_file, base_quant)
     return baseline
+
+
+def plan_export(source: Path, task: str, preset: str | None = None) -> dict[str, object]:
+    """What an export would do, checked without exporting anything (--dry-run)."""
+    if task not in ALL_TASKS:
+        raise ExportError(f"task {task!r} is not supported; supported: {', '.join(ALL_TASKS)}")
+    plan: dict[str, object] = {
+        "source": str(source),
+        "task": task,
+        "preset": preset or cpu_preset(),
+    }
+    if task in TASKS:
+        info = inspect_checkpoint(source, TASKS[task].name)
+        plan |= {
+            "model_type": info.config.get("model_type"),
+            "architectures": info.config.get("architectures"),
+            "optimum_task": TASKS[task].optimum_task,
+            "max_tokens": info.max_tokens,
+            "labels": info.labels,
+            "pooling": info.pooling if task == "feature-extraction" else None,
+            "tokenizer.json": (source / "tokenizer.json").is_file(),
+        }
+    elif not source.exists():
+        raise ExportError(f"{source} does not exist")
+    return plan
 
 
 def export_model(
@@ -194,7 +276,10 @@ def export_encoder(
     try:
         with progress("reading checkpoint"):
             info = inspect_checkpoint(source, task)
-            tokenizer_json = _tokenizer_json(source, work)
+            try:
+                tokenizer_json = _tokenizer_json(source, work)
+            except (ValueError, OSError, KeyError) as exc:
+                raise ExportError(f"cannot read the checkpoint's tokenizer: {exc}") from exc
         with progress(f"exporting to ONNX ({spec.optimum_task})"):
             try:
                 _onnx_export(source, spec.optimum_task, work / "fp32")
@@ -230,14 +315,9 @@ def export_encoder(
                 )
             manifest.validation = validation
         report = ", ".join(f"{k} {v:.4f}" for k, v in validation.metrics.items())
-        sizes = manifest.sizes
-        kept = manifest.quantization.nodes_excluded
-        progress.console.print(
-            f"fidelity: {report}; size {sizes['int8_bytes'] / 1e6:.1f} MB INT8 vs "
-            f"{sizes['fp32_bytes'] / 1e6:.1f} MB fp32 "
-            f"({sizes['int8_bytes'] / sizes['fp32_bytes']:.0%})"
-            + (f"; kept in fp32: {len(kept)} layer(s)" if kept else "")
-        )
+        speed = measure_speed(work / "fp32" / "model.onnx", work / "model" / "model.onnx", manifest)
+        manifest.sizes |= speed
+        progress.console.print(report_table(manifest, validation))
         if not validation.passed and not force:
             raise ExportError(
                 f"INT8 model disagrees with PyTorch beyond the thresholds ({report}; "

@@ -63,3 +63,53 @@ def test_models_verify(env: Path, models_dir: Path, monkeypatch: pytest.MonkeyPa
     result = runner.invoke(app, ["models", "verify"])
     assert result.exit_code == 0, result.output
     assert result.output.count("ok ") == 3
+
+
+def test_export_dry_run_shows_the_plan_and_writes_nothing(
+    env: Path, checkpoints: dict[str, Path]
+) -> None:
+    result = runner.invoke(
+        app, ["export", str(checkpoints["tiny-cls"]), "--task", "text-classification", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "labels" in result.output and "['ham', 'spam']" in result.output
+    assert "max_tokens" in result.output and "64" in result.output
+    assert not (env / "models").exists()
+
+
+def test_export_names_the_supported_tasks(env: Path, checkpoints: dict[str, Path]) -> None:
+    result = runner.invoke(
+        app, ["export", str(checkpoints["tiny-cls"]), "--task", "astrology", "--dry-run"]
+    )
+    assert result.exit_code == 1
+    assert "feature-extraction" in result.output and "text-generation" in result.output
+
+
+def test_export_of_an_unsupported_architecture_is_clear(env: Path, tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "no-such-architecture", "hidden_size": 8})
+    )
+    result = runner.invoke(app, ["export", str(folder), "--task", "feature-extraction"])
+    assert result.exit_code == 1
+    assert "export failed" in result.output and "no-such-architecture" in result.output
+
+
+def test_export_prints_a_validation_report(env: Path, checkpoints: dict[str, Path]) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            str(checkpoints["tiny-embed"]),
+            "--task",
+            "feature-extraction",
+            "--name",
+            "report",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for words in ("min_cosine", "size fp32 / INT8", "batch of 8", "passed"):
+        assert words in result.output
