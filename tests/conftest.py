@@ -8,6 +8,7 @@ import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,3 +179,68 @@ def admin_key(client: TestClient) -> str:
 @pytest.fixture
 def predict_key(client: TestClient) -> str:
     return client.keys.create("app", ["predict"])[1]  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def qa_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+    from exporters.export import export_model
+
+    src = tmp_path_factory.mktemp("qa-checkpoint")
+    build_wordpiece_tokenizer(src)
+    config = BertConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(src)),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(5)
+    model = BertForQuestionAnswering(config)
+    with torch.no_grad():  # sharper random logits, so spans are decided rather than ties
+        model.qa_outputs.weight.mul_(20.0)
+    model.eval().save_pretrained(src)
+    out = tmp_path_factory.mktemp("qa-models")
+    export_model(src, "question-answering", out_dir=out, slug="tiny-qa")
+    return src, out
+
+
+@pytest.fixture(scope="session")
+def custom_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small two-input graph: y = relu(x @ W + b) and the sum of an int64 vector."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.export import export_model
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["my-custom-field", "W"], ["h"]),
+            helper.make_node("Add", ["h", "b"], ["z"]),
+            helper.make_node("Relu", ["z"], ["y"]),
+            helper.make_node("ReduceSum", ["counts", "axes"], ["total"], keepdims=0),
+        ],
+        "custom",
+        [
+            helper.make_tensor_value_info("my-custom-field", TensorProto.FLOAT, ["batch", 16]),
+            helper.make_tensor_value_info("counts", TensorProto.INT64, ["batch", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64]),
+            helper.make_tensor_value_info("total", TensorProto.INT64, ["batch"]),
+        ],
+        [w, b, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    src = tmp_path_factory.mktemp("custom-src")
+    onnx.save(model, src / "net.onnx")
+    out = tmp_path_factory.mktemp("custom-models")
+    export_model(src, "custom", out_dir=out, slug="my-model")
+    return src / "net.onnx", out

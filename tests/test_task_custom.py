@@ -2,48 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-
-@pytest.fixture(scope="module")
-def custom_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A small two-input graph: y = relu(x @ W + b) and the sum of an int64 vector."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from exporters.export import export_model
-
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "W")
-    b = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
-    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["my-custom-field", "W"], ["h"]),
-            helper.make_node("Add", ["h", "b"], ["z"]),
-            helper.make_node("Relu", ["z"], ["y"]),
-            helper.make_node("ReduceSum", ["counts", "axes"], ["total"], keepdims=0),
-        ],
-        "custom",
-        [
-            helper.make_tensor_value_info("my-custom-field", TensorProto.FLOAT, ["batch", 16]),
-            helper.make_tensor_value_info("counts", TensorProto.INT64, ["batch", 4]),
-        ],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64]),
-            helper.make_tensor_value_info("total", TensorProto.INT64, ["batch"]),
-        ],
-        [w, b, axes],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    src = tmp_path_factory.mktemp("custom-src")
-    onnx.save(model, src / "net.onnx")
-    out = tmp_path_factory.mktemp("custom-models")
-    export_model(src, "custom", out_dir=out, slug="my-model")
-    return src / "net.onnx", out
 
 
 def test_custom_model_serves_its_declared_inputs(serve, custom_models) -> None:  # type: ignore[no-untyped-def]

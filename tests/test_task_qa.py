@@ -53,34 +53,6 @@ def test_history_is_folded_into_the_question() -> None:
     assert fold_history("Q?", [], []) == "Q?"
 
 
-@pytest.fixture(scope="module")
-def qa_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
-
-    from exporters.export import export_model
-    from tests.conftest import build_wordpiece_tokenizer
-
-    src = tmp_path_factory.mktemp("qa-checkpoint")
-    build_wordpiece_tokenizer(src)
-    config = BertConfig(
-        vocab_size=len(AutoTokenizer.from_pretrained(src)),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(5)
-    model = BertForQuestionAnswering(config)
-    with torch.no_grad():  # sharper random logits, so spans are decided rather than ties
-        model.qa_outputs.weight.mul_(20.0)
-    model.eval().save_pretrained(src)
-    out = tmp_path_factory.mktemp("qa-models")
-    export_model(src, "question-answering", out_dir=out, slug="tiny-qa")
-    return src, out
-
-
 QUESTIONS = [
     ("What is the meaning of life?", "The meaning of life is 42."),
     ("Where does the queen live?", "The queen lives in a large palace in London with her dogs."),
