@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from appliance.config import ConfigError, Settings, load_settings
+from appliance.jobs.cli import batch_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 keys_app = typer.Typer(
@@ -21,6 +22,7 @@ keys_app = typer.Typer(
 models_app = typer.Typer(no_args_is_help=True, help="Inspect exported models.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
+app.add_typer(batch_app, name="batch")
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional on 3.10
@@ -207,6 +209,9 @@ def export(
         Optional[str],  # noqa: UP045
         typer.Option(help="text-generation: a GGUF file inside SOURCE to dequantise and export."),
     ] = None,
+    precision: Annotated[
+        str, typer.Option(help="int8 (CPU serving, default) or fp16 (GPU serving with CUDA).")
+    ] = "int8",
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Check the checkpoint and show the plan; write nothing."),
@@ -243,6 +248,7 @@ def export(
             preset=preset,
             min_cosine=min_cosine,
             force=force,
+            precision=precision,
             options={"gguf_file": gguf_file} if gguf_file else {},
         )
     except ExportError as exc:

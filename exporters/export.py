@@ -20,7 +20,7 @@ from rich.table import Table
 from appliance.models.manifest import Manifest, Validation, write_manifest
 from exporters.checkpoint import CheckpointInfo, ExportError, inspect_checkpoint, slugify
 from exporters.package import install, stage, swap_model
-from exporters.quantize import cpu_preset, quantize, sensitive_nodes
+from exporters.quantize import cpu_preset, quantize, sensitive_nodes, to_fp16
 from exporters.tasks import ALL_TASKS, PIPELINES, TASKS, TaskSpec
 from exporters.validate import Validator
 
@@ -213,11 +213,14 @@ def export_model(
     force: bool = False,
     console: Console | None = None,
     options: dict[str, Any] | None = None,
+    precision: str = "int8",
 ) -> Manifest:
     """Export `source` for `task` into out_dir/slug. `options` go to the task pipelines that
     take them (e.g. gguf_file for text-generation)."""
     if task not in ALL_TASKS:
         raise ExportError(f"task {task!r} is not supported; supported: {', '.join(ALL_TASKS)}")
+    if precision not in ("int8", "fp16"):
+        raise ExportError(f"precision {precision!r}: choose int8 (CPU) or fp16 (GPU)")
     slug = slug or slugify(source.name)
     if not SLUG.match(slug):
         raise ExportError(f"slug {slug!r}: use lowercase letters, digits, '.', '_' and '-'")
@@ -234,7 +237,7 @@ def export_model(
             preset=preset,
             force=force,
             console=console,
-            options=options or {},
+            options={"precision": precision, **(options or {})},
         )
     spec = TASKS[task]
     return export_encoder(
@@ -250,6 +253,7 @@ def export_model(
         make_validator=lambda info: Validator(
             info, spec, min_cosine=min_cosine, min_agreement=min_agreement
         ),
+        precision=precision,
     )
 
 
@@ -266,9 +270,12 @@ def export_encoder(
     console: Console,
     make_validator: Callable[[CheckpointInfo], Callable[[Path, Manifest], Validation]],
     adjust: Callable[[Manifest], None] | None = None,
+    precision: str = "int8",
 ) -> Manifest:
     """The pipeline every encoder task shares. `make_validator` measures fidelity for the
-    task; `adjust` edits the manifest before it is written (a task built on another one)."""
+    task; `adjust` edits the manifest before it is written (a task built on another one).
+    precision "fp16" converts instead of quantising, for GPU serving (INT8 kernels are a
+    CPU strength; GPUs want fp16)."""
     task = spec.name
     progress = Progress(console)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,8 +293,12 @@ def export_encoder(
             except (ValueError, KeyError, NotImplementedError) as exc:
                 raise ExportError(f"optimum could not export {source} as {task}: {exc}") from exc
         preset = preset or cpu_preset()
-        with progress(f"quantising to INT8 ({preset}, per-channel)"):
-            int8, quantization = quantize(work / "fp32", work / "int8", preset)
+        if precision == "fp16":
+            with progress("converting to fp16 (for GPU serving)"):
+                int8, quantization = to_fp16(work / "fp32", work / "int8")
+        else:
+            with progress(f"quantising to INT8 ({preset}, per-channel)"):
+                int8, quantization = quantize(work / "fp32", work / "int8", preset)
         with progress("packaging"):
             import onnx
 
@@ -309,7 +320,7 @@ def export_encoder(
         with progress("validating INT8 ONNX against PyTorch"):
             validator = make_validator(info)
             validation = validator(work / "model", manifest)
-            if validation.metrics["min_cosine"] < FIDELITY_GOAL:
+            if precision == "int8" and validation.metrics["min_cosine"] < FIDELITY_GOAL:
                 validation = _keep_sensitive_layers(
                     work, work / "model", manifest, validator, preset, validation
                 )

@@ -61,3 +61,15 @@ def quantize(
         per_channel=qconfig.per_channel,
         nodes_excluded=list(exclude or []),
     )
+
+
+def to_fp16(onnx_dir: Path, out_dir: Path) -> tuple[Path, Quantization]:
+    """fp16 weights and compute with fp32 inputs and outputs, for the CUDA provider."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = convert_float_to_float16(onnx.load(str(onnx_dir / "model.onnx")), keep_io_types=True)
+    target = out_dir / "model_fp16.onnx"
+    onnx.save(model, str(target))
+    quantization = Quantization(method="fp16", preset="gpu", weight_type="float16", per_channel=False)
+    return target, quantization

@@ -101,3 +101,25 @@ def test_reexport_replaces_the_folder_whole(tmp_path: Path, checkpoints: dict[st
     assert not (tmp_path / "e" / "leftover.txt").exists()
     assert second.files["model"].sha256 == first.files["model"].sha256  # deterministic
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_fp16_export_for_gpu_serving(tmp_path: Path, checkpoints: dict[str, Path], serve) -> None:  # type: ignore[no-untyped-def]
+    m = export_model(
+        checkpoints["tiny-embed"],
+        "feature-extraction",
+        out_dir=tmp_path,
+        slug="half",
+        precision="fp16",
+    )
+    assert m.quantization.method == "fp16" and m.validation is not None and m.validation.passed
+    graph = onnx.load(str(tmp_path / "half" / "model.onnx")).graph
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    # It still serves (here on the CPU provider: the config's CUDA provider falls back).
+    client = serve(
+        tmp_path, APPLIANCE_RUNTIME__PROVIDERS='["CUDAExecutionProvider", "CPUExecutionProvider"]'
+    )
+    key = client.keys.create("k", ["predict"])[1]
+    r = client.post(
+        "/v1/text-vectorisation", json={"text": "hi", "model": "half"}, headers={"x-api-key": key}
+    )
+    assert r.status_code == 200 and len(r.json()["vector"]) == 32
