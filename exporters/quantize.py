@@ -71,5 +71,6 @@ def to_fp16(onnx_dir: Path, out_dir: Path) -> tuple[Path, Quantization]:
     model = convert_float_to_float16(onnx.load(str(onnx_dir / "model.onnx")), keep_io_types=True)
     target = out_dir / "model_fp16.onnx"
     onnx.save(model, str(target))
-    quantization = Quantization(method="fp16", preset="gpu", weight_type="float16", per_channel=False)
-    return target, quantization
+    return target, Quantization(
+        method="fp16", preset="gpu", weight_type="float16", per_channel=False
+    )
