@@ -237,7 +237,12 @@ def export_model(
             preset=preset,
             force=force,
             console=console,
-            options={"precision": precision, **(options or {})},
+            options={
+                "precision": precision,
+                "min_cosine": min_cosine,
+                "min_agreement": min_agreement,
+                **(options or {}),
+            },
         )
     spec = TASKS[task]
     return export_encoder(

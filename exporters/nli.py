@@ -79,7 +79,11 @@ def export_nli(
         force=force,
         console=console,
         make_validator=lambda info: Validator(
-            info, TASKS["text-classification"], min_cosine=0.98, min_agreement=0.9
+            info,
+            TASKS["text-classification"],
+            min_cosine=float(options.get("min_cosine", 0.98)),
+            min_agreement=float(options.get("min_agreement", 0.9)),
         ),
         adjust=adjust,
+        precision=options.get("precision", "int8"),
     )

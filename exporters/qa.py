@@ -131,6 +131,11 @@ def export_qa(
         preset=preset,
         force=force,
         console=console,
-        make_validator=lambda info: QaValidator(info, min_cosine=0.98, min_agreement=0.8),
+        make_validator=lambda info: QaValidator(
+            info,
+            min_cosine=float(options.get("min_cosine", 0.98)),
+            min_agreement=float(options.get("min_agreement", 0.9)),
+        ),
         adjust=adjust,
+        precision=options.get("precision", "int8"),
     )
