@@ -148,7 +148,14 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path, models_dir
         threads = [threading.Thread(target=big_request, args=(n,)) for n in range(N)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # all are accepted; the model works through them one batch at a time
+        # Wait until work is really queued on the model (a fixed sleep is flaky on a busy box).
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            families = text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=5).text)
+            depth = sum(s.value for f in families if f.name == "appliance_queue_depth" for s in f.samples)
+            if depth >= 1000:
+                break
+            time.sleep(0.02)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
