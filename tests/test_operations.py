@@ -151,8 +151,13 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path, models_dir
         # Wait until work is really queued on the model (a fixed sleep is flaky on a busy box).
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            families = text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=5).text)
-            depth = sum(s.value for f in families if f.name == "appliance_queue_depth" for s in f.samples)
+            page = httpx.get(f"{base}/metrics", timeout=5).text
+            depth = sum(
+                s.value
+                for f in text_string_to_metric_families(page)
+                if f.name == "appliance_queue_depth"
+                for s in f.samples
+            )
             if depth >= 1000:
                 break
             time.sleep(0.02)
