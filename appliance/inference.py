@@ -20,6 +20,7 @@ from appliance.gateway.keys import ApiKey
 from appliance.gateway.ratelimit import LimitState, RateLimiter
 from appliance.gateway.usage import UsageLog
 from appliance.models.registry import ModelEntry, Registry
+from appliance.runtime.batcher import REALTIME
 from appliance.tasks import ItemResult
 
 
@@ -107,9 +108,11 @@ class Inference:
         tasks: Collection[str] | None = None,
         truncate: bool = True,
         endpoint: str | None = None,
+        priority: int = REALTIME,
     ) -> Outcome:
         """Run `payloads` (one input object each) on model `ref`. `tasks`: the model tasks the
-        endpoint accepts; `endpoint`: its name, for per-endpoint aliases."""
+        endpoint accepts; `endpoint`: its name, for per-endpoint aliases; `priority`: the
+        micro-batcher's (batch jobs pass BACKGROUND so real-time requests go first)."""
         start = time.perf_counter()
         key = call.key
         rpm, tpm = self._rates(key)
@@ -141,7 +144,9 @@ class Inference:
         misses = [i for i in range(len(inputs)) if i not in results]
         tokens = 0
         if misses:
-            computed = await self._compute(entry, [inputs[i] for i in misses], key, truncate)
+            computed = await self._compute(
+                entry, [inputs[i] for i in misses], key, truncate, priority
+            )
             results.update(zip(misses, computed, strict=True))
             tokens = sum(r.tokens for r in computed)
             limits = self.limiter.state(key.id, rpm, tpm)
@@ -175,7 +180,12 @@ class Inference:
         )
 
     async def _compute(
-        self, entry: ModelEntry, inputs: list[Any], key: ApiKey, truncate: bool
+        self,
+        entry: ModelEntry,
+        inputs: list[Any],
+        key: ApiKey,
+        truncate: bool,
+        priority: int = REALTIME,
     ) -> list[ItemResult]:
         """Tokenise, charge the exact token count (quota, then rate), run, settle."""
         runner, batcher = entry.runner, entry.batcher
@@ -192,7 +202,7 @@ class Inference:
             self.usage.refund(key.id, reserved)
             raise
         try:
-            raws = await batcher.submit(prepared, costs)
+            raws = await batcher.submit(prepared, costs, priority=priority)
         except BaseException:
             self.usage.refund(key.id, reserved)
             self.limiter.settle_tokens(key.id, tpm, -reserved)
@@ -203,3 +213,92 @@ class Inference:
             self.usage.refund(key.id, reserved - used)
             self.limiter.settle_tokens(key.id, tpm, used - reserved)
         return results
+
+    async def stream(
+        self,
+        ref: str,
+        payload: Any,
+        *,
+        call: Call,
+        tasks: Collection[str] | None = None,
+        truncate: bool = True,
+        endpoint: str | None = None,
+    ) -> tuple[ModelEntry, LimitState, Any]:
+        """One input whose runner can report progress (`runner.watch`, e.g. text generation):
+        checks, limits and charges as `run` does (never cached), then returns the model, the
+        rate-limit state and an async iterator of events: {"event": "piece", "text": ...} as
+        the model goes, then {"event": "done", "result": ItemResult} or {"event": "error",
+        "error": exception}. Closing the iterator early stops the model's work on the input."""
+        import threading
+
+        from appliance.errors import ValidationFailed
+
+        key = call.key
+        rpm, tpm = self._rates(key)
+        limits = self.limiter.admit_request(key.id, rpm, tpm)
+        entry = self.model_for(ref, key, tasks, endpoint)
+        call.model, call.cache_status = entry.slug, "BYPASS"
+        runner, batcher = entry.runner, entry.batcher
+        assert runner is not None and batcher is not None
+        watch = getattr(runner, "watch", None)
+        if watch is None:
+            raise ValidationFailed(
+                f"Model '{entry.slug}' cannot stream its output.", details={"field": "stream"}
+            )
+        item = runner.parse_input(payload)
+        [prepared] = await asyncio.to_thread(runner.preprocess, [item], truncate=truncate)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        cancelled = threading.Event()
+        # The runner calls back from the model's thread: hand each piece to the event loop.
+        watch(
+            prepared, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece), cancelled
+        )
+        reserved = runner.cost(prepared)
+        self.usage.reserve(key.id, key.token_quota, reserved)
+        try:
+            self.limiter.admit_tokens(key.id, rpm, tpm, reserved)
+        except Exception:
+            self.usage.refund(key.id, reserved)
+            raise
+        limits = self.limiter.state(key.id, rpm, tpm)
+
+        def settle(used: int) -> None:
+            call.tokens = used
+            if used != reserved:
+                self.usage.refund(key.id, reserved - used)
+                self.limiter.settle_tokens(key.id, tpm, used - reserved)
+
+        def settle_late(task: asyncio.Future[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                settle(0)
+            else:
+                settle(runner.postprocess(prepared, task.result()[0]).tokens)
+
+        async def events() -> Any:
+            task = asyncio.ensure_future(batcher.submit([prepared], [reserved]))
+            try:
+                while not task.done():
+                    getter = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield {"event": "piece", "text": getter.result()}
+                    else:
+                        getter.cancel()
+                while not pieces.empty():
+                    yield {"event": "piece", "text": pieces.get_nowait()}
+                try:
+                    raws = task.result()
+                except Exception as exc:
+                    settle(0)
+                    yield {"event": "error", "error": exc}
+                    return
+                result = runner.postprocess(prepared, raws[0])
+                settle(result.tokens)
+                yield {"event": "done", "result": result}
+            finally:
+                if not task.done():  # the client went away: stop generating, bill what ran
+                    cancelled.set()
+                    task.add_done_callback(settle_late)
+
+        return entry, limits, events()

@@ -1,6 +1,9 @@
 """The classify API (seeds/classify-api.txt): single-label classification, multi-label tagging,
 their batch forms, and saved classifiers. Texts, or base64 PDF/DOCX files, are classified
-over the labels given (or a saved classifier's) by any model that can score labels."""
+over the labels given (or a saved classifier's) by any model that can score labels.
+
+As in appliance.api.tasks, each endpoint's work is a plain async function of its body and a
+`Work`, shared by the handler and batch jobs (`ENDPOINTS`)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 
 from appliance.api.responses import call_for, inference_response
-from appliance.api.tasks import LABELS, as_batch
+from appliance.api.tasks import LABELS, Endpoint, Work, as_batch
 from appliance.classifiers import Classifier, ClassifierStore
 from appliance.config import Settings
 from appliance.errors import ValidationFailed
@@ -98,17 +101,30 @@ def _tagged(output: dict[str, Any], threshold: float | None) -> dict[str, Any]:
     return {"labels": [label for label, p in ranked if p >= cut], "scores": output["probabilities"]}
 
 
-async def _run(
-    texts: list[str],
-    plan: _Plan,
-    multi: bool,
+async def _run(texts: list[str], plan: _Plan, multi: bool, work: Work) -> Outcome:
+    payloads = [{"text": t, "labels": plan.labels, "multi_label": multi} for t in texts]
+    return await work.inference.run(
+        plan.model,
+        payloads,
+        call=work.call,
+        tasks=LABELS,
+        endpoint="classify",
+        priority=work.priority,
+    )
+
+
+def _store(work: Work) -> ClassifierStore:
+    assert work.classifiers is not None, "the classify API needs the saved classifiers"
+    return work.classifiers
+
+
+def _work(
     request: Request[Any, Any, Any],
     inference: Inference,
-) -> Outcome:
-    payloads = [{"text": t, "labels": plan.labels, "multi_label": multi} for t in texts]
-    return await inference.run(
-        plan.model, payloads, call=call_for(request), tasks=LABELS, endpoint="classify"
-    )
+    classifiers: ClassifierStore,
+    settings: Settings,
+) -> Work:
+    return Work(call_for(request), inference, settings, classifiers)
 
 
 def _stats(outcome: Outcome, start: float) -> dict[str, Any]:
@@ -121,17 +137,24 @@ async def classify(
     request: Request[Any, Any, Any],
     inference: Inference,
     classifiers: ClassifierStore,
+    settings: Settings,
 ) -> Response[dict[str, Any]]:
     """Single-label classification: {label, confidence, scores, tokens, latency_ms, cached}."""
+    work = _work(request, inference, classifiers, settings)
+    return inference_response(*await classify_one(data, work))
+
+
+async def classify_one(data: ClassifyBody, work: Work) -> tuple[dict[str, Any], Outcome]:
+    """The work of /v1/classify."""
     start = time.perf_counter()
-    plan = _plan(data, classifiers)
-    outcome = await _run([await _text_of(data)], plan, False, request, inference)
+    plan = _plan(data, _store(work))
+    outcome = await _run([await _text_of(data)], plan, False, work)
     body = {
         **_classified(outcome.results[0].output, plan.threshold),
         **_stats(outcome, start),
         "cached": outcome.cached,
     }
-    return inference_response(body, outcome)
+    return body, outcome
 
 
 @post("/v1/tag", opt={"scope": "predict"}, tags=["classify"], status_code=200)
@@ -140,17 +163,24 @@ async def tag(
     request: Request[Any, Any, Any],
     inference: Inference,
     classifiers: ClassifierStore,
+    settings: Settings,
 ) -> Response[dict[str, Any]]:
     """Multi-label tagging: {labels, scores, tokens, latency_ms, cached}."""
+    work = _work(request, inference, classifiers, settings)
+    return inference_response(*await tag_one(data, work))
+
+
+async def tag_one(data: ClassifyBody, work: Work) -> tuple[dict[str, Any], Outcome]:
+    """The work of /v1/tag."""
     start = time.perf_counter()
-    plan = _plan(data, classifiers)
-    outcome = await _run([await _text_of(data)], plan, True, request, inference)
+    plan = _plan(data, _store(work))
+    outcome = await _run([await _text_of(data)], plan, True, work)
     body = {
         **_tagged(outcome.results[0].output, plan.threshold),
         **_stats(outcome, start),
         "cached": outcome.cached,
     }
-    return inference_response(body, outcome)
+    return body, outcome
 
 
 @post("/v1/classify/batch", opt={"scope": "predict"}, tags=["classify"], status_code=200)
@@ -162,12 +192,18 @@ async def classify_batch(
     settings: Settings,
 ) -> Response[dict[str, Any]]:
     """Up to 1000 texts: {results: [{label, confidence, scores}], tokens, latency_ms}."""
+    work = _work(request, inference, classifiers, settings)
+    return inference_response(*await classify_many(data, work))
+
+
+async def classify_many(data: BatchBody, work: Work) -> tuple[dict[str, Any], Outcome]:
+    """The work of /v1/classify/batch."""
     start = time.perf_counter()
-    texts, _ = as_batch(data.texts, "texts", settings.server.max_batch_items)
-    plan = _plan(data, classifiers)
-    outcome = await _run(texts, plan, False, request, inference)
+    texts, _ = as_batch(data.texts, "texts", work.settings.server.max_batch_items)
+    plan = _plan(data, _store(work))
+    outcome = await _run(texts, plan, False, work)
     results = [_classified(r.output, plan.threshold) for r in outcome.results]
-    return inference_response({"results": results, **_stats(outcome, start)}, outcome)
+    return {"results": results, **_stats(outcome, start)}, outcome
 
 
 @post("/v1/tag/batch", opt={"scope": "predict"}, tags=["classify"], status_code=200)
@@ -179,12 +215,18 @@ async def tag_batch(
     settings: Settings,
 ) -> Response[dict[str, Any]]:
     """Up to 1000 texts: {results: [{labels, scores}], tokens, latency_ms}."""
+    work = _work(request, inference, classifiers, settings)
+    return inference_response(*await tag_many(data, work))
+
+
+async def tag_many(data: BatchBody, work: Work) -> tuple[dict[str, Any], Outcome]:
+    """The work of /v1/tag/batch."""
     start = time.perf_counter()
-    texts, _ = as_batch(data.texts, "texts", settings.server.max_batch_items)
-    plan = _plan(data, classifiers)
-    outcome = await _run(texts, plan, True, request, inference)
+    texts, _ = as_batch(data.texts, "texts", work.settings.server.max_batch_items)
+    plan = _plan(data, _store(work))
+    outcome = await _run(texts, plan, True, work)
     results = [_tagged(r.output, plan.threshold) for r in outcome.results]
-    return inference_response({"results": results, **_stats(outcome, start)}, outcome)
+    return {"results": results, **_stats(outcome, start)}, outcome
 
 
 @get("/v1/classifiers", opt={"scope": "predict"}, tags=["classify"])
@@ -233,6 +275,14 @@ async def delete_classifier(name: str, classifiers: ClassifierStore) -> dict[str
     await asyncio.to_thread(classifiers.delete, name)
     return {"name": name, "deleted": True}
 
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/classify": Endpoint(ClassifyBody, classify_one),
+    "/v1/tag": Endpoint(ClassifyBody, tag_one),
+    "/v1/classify/batch": Endpoint(BatchBody, classify_many),
+    "/v1/tag/batch": Endpoint(BatchBody, tag_many),
+}
+"""Each path of this module to its body type and work (batch jobs run them per line)."""
 
 ROUTES = [
     classify,

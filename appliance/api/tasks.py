@@ -1,20 +1,27 @@
 """The task API (seeds/task-api.txt), at /v1/<name> and at the seed's root paths.
 
 Each endpoint takes one item or a list (batch) and answers in the same shape, in order.
-Handlers only reshape requests and answers; the work is in appliance.inference and the runners.
+Each endpoint's work is a plain async function of its body and a `Work` (who calls, the shared
+services, the priority), so that the litestar handler and a batch job's worker run the very
+same code; the handlers only add HTTP (the Call from the request, headers). `ENDPOINTS` maps
+each path to its body type and that function.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import msgspec
 from litestar import Request, Response, post
 
 from appliance.api.responses import call_for, inference_response
+from appliance.classifiers import ClassifierStore
 from appliance.config import Settings
 from appliance.errors import ValidationFailed
-from appliance.inference import Inference
+from appliance.inference import Call, Inference, Outcome
+from appliance.runtime.batcher import REALTIME
 
 # Which model tasks each endpoint can use.
 VECTORISE = {"feature-extraction", "zero-shot-image-classification"}
@@ -28,6 +35,25 @@ GO_EMOTIONS = (
     "confusion", "caring", "excitement", "surprise", "disgust", "desire", "fear", "remorse",
     "embarrassment", "nervousness", "pride", "relief", "grief",
 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """What an endpoint's work needs besides its body: the caller's Call, the shared services,
+    and the micro-batcher priority of its model calls (batch jobs run at BACKGROUND)."""
+
+    call: Call
+    inference: Inference
+    settings: Settings
+    classifiers: ClassifierStore | None = None
+    priority: int = REALTIME
+
+
+class Endpoint(NamedTuple):
+    """An endpoint's request body type and the function doing its work: (answer, outcome)."""
+
+    body: type[Any]
+    run: Callable[[Any, Work], Awaitable[tuple[Any, Outcome]]]
 
 
 def as_batch(value: Any, field: str, limit: int) -> tuple[list[Any], bool]:
@@ -126,17 +152,23 @@ async def text_vectorisation(
     settings: Settings,
 ) -> Response[VectorResponse]:
     """Vectorise a text or a list of texts (CLIP models: vectors in the image space)."""
-    texts, batch = as_batch(data.text, "text", settings.server.max_batch_items)
-    outcome = await inference.run(
+    return inference_response(*await vectorise(data, Work(call_for(request), inference, settings)))
+
+
+async def vectorise(data: TextVectorisationBody, work: Work) -> tuple[VectorResponse, Outcome]:
+    """The work of /v1/text-vectorisation."""
+    texts, batch = as_batch(data.text, "text", work.settings.server.max_batch_items)
+    outcome = await work.inference.run(
         data.model,
         [{"text": t} for t in texts],
-        call=call_for(request),
+        call=work.call,
         tasks=VECTORISE,
         truncate=data.truncate,
         endpoint="text-vectorisation",
+        priority=work.priority,
     )
     vectors = [r.output["vector"] for r in outcome.results]
-    return inference_response(VectorResponse(vector=one_or_list(vectors, batch)), outcome)
+    return VectorResponse(vector=one_or_list(vectors, batch)), outcome
 
 
 @post(
@@ -152,17 +184,30 @@ async def text_classification(
     settings: Settings,
 ) -> Response[ProbabilitiesResponse]:
     """Probabilities of the given labels for a text (zero-shot), or for each text of a list."""
-    texts, batch = as_batch(data.text, "text", settings.server.max_batch_items)
+    work = Work(call_for(request), inference, settings)
+    return inference_response(*await classify_texts(data, work))
+
+
+async def classify_texts(
+    data: TextClassificationBody, work: Work
+) -> tuple[ProbabilitiesResponse, Outcome]:
+    """The work of /v1/text-classification."""
+    texts, batch = as_batch(data.text, "text", work.settings.server.max_batch_items)
     labels = per_item(data.labels, "labels", len(texts), batch)
     payloads = [
         {"text": t, "labels": ls, "multi_label": data.multi_label}
         for t, ls in zip(texts, labels, strict=True)
     ]
-    outcome = await inference.run(
-        data.model, payloads, call=call_for(request), tasks=LABELS, endpoint="text-classification"
+    outcome = await work.inference.run(
+        data.model,
+        payloads,
+        call=work.call,
+        tasks=LABELS,
+        endpoint="text-classification",
+        priority=work.priority,
     )
     probabilities = [r.output["probabilities"] for r in outcome.results]
-    return inference_response(ProbabilitiesResponse(one_or_list(probabilities, batch)), outcome)
+    return ProbabilitiesResponse(one_or_list(probabilities, batch)), outcome
 
 
 @post(["/v1/qa", "/qa"], opt={"scope": "predict"}, tags=["tasks"], status_code=200)
@@ -170,7 +215,12 @@ async def question_answering(
     data: QABody, request: Request[Any, Any, Any], inference: Inference, settings: Settings
 ) -> Response[QAResponse]:
     """Extractive answer to a question from a context; "unknown" when it holds none."""
-    questions, batch = as_batch(data.question, "question", settings.server.max_batch_items)
+    return inference_response(*await answer(data, Work(call_for(request), inference, settings)))
+
+
+async def answer(data: QABody, work: Work) -> tuple[QAResponse, Outcome]:
+    """The work of /v1/qa."""
+    questions, batch = as_batch(data.question, "question", work.settings.server.max_batch_items)
     contexts = data.context if batch else [data.context]
     if not isinstance(contexts, list) or len(contexts) != len(questions):
         raise ValidationFailed(
@@ -182,11 +232,11 @@ async def question_answering(
         {"question": q, "context": c, "prev_q": pq, "prev_a": pa}
         for q, c, pq, pa in zip(questions, contexts, prev_q, prev_a, strict=True)
     ]
-    outcome = await inference.run(
-        data.model, payloads, call=call_for(request), tasks=QA, endpoint="qa"
+    outcome = await work.inference.run(
+        data.model, payloads, call=work.call, tasks=QA, endpoint="qa", priority=work.priority
     )
     answers = [r.output["answer"] for r in outcome.results]
-    return inference_response(QAResponse(one_or_list(answers, batch)), outcome)
+    return QAResponse(one_or_list(answers, batch)), outcome
 
 
 @post(["/v1/emotion", "/emotion"], opt={"scope": "predict"}, tags=["tasks"], status_code=200)
@@ -195,20 +245,30 @@ async def emotion(
 ) -> Response[EmotionResponse]:
     """Emotions in a text: GoEmotions' labels above the threshold, comma-separated. A model
     fine-tuned on those labels scores them itself; other models score them zero-shot."""
+    return inference_response(*await emotions(data, Work(call_for(request), inference, settings)))
+
+
+async def emotions(data: EmotionBody, work: Work) -> tuple[EmotionResponse, Outcome]:
+    """The work of /v1/emotion."""
     if not 0 <= data.threshold <= 1:
         raise ValidationFailed(
             "`threshold` must be between 0 and 1.", details={"field": "threshold"}
         )
-    texts, batch = as_batch(data.text, "text", settings.server.max_batch_items)
-    entry = inference.model_for(data.model, call_for(request).key, LABELS, "emotion")
+    texts, batch = as_batch(data.text, "text", work.settings.server.max_batch_items)
+    entry = work.inference.model_for(data.model, work.call.key, LABELS, "emotion")
     fine_tuned = entry.manifest is not None and entry.manifest.task == "text-classification"
     labels = None if fine_tuned else list(GO_EMOTIONS)
     payloads = [{"text": t, "labels": labels, "multi_label": True} for t in texts]
-    outcome = await inference.run(
-        data.model, payloads, call=request.state.call, tasks=LABELS, endpoint="emotion"
+    outcome = await work.inference.run(
+        data.model,
+        payloads,
+        call=work.call,
+        tasks=LABELS,
+        endpoint="emotion",
+        priority=work.priority,
     )
     outputs = [above(r.output["probabilities"], data.threshold) for r in outcome.results]
-    return inference_response(EmotionResponse(one_or_list(outputs, batch)), outcome)
+    return EmotionResponse(one_or_list(outputs, batch)), outcome
 
 
 def above(probabilities: dict[str, float], threshold: float) -> str:
@@ -219,3 +279,19 @@ def above(probabilities: dict[str, float], threshold: float) -> str:
 
 
 ROUTES = [text_vectorisation, text_classification, question_answering, emotion]
+
+_VECTORISE = Endpoint(TextVectorisationBody, vectorise)
+_CLASSIFY_TEXTS = Endpoint(TextClassificationBody, classify_texts)
+_QA = Endpoint(QABody, answer)
+_EMOTION = Endpoint(EmotionBody, emotions)
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/text-vectorisation": _VECTORISE,
+    "/text-vectorisation": _VECTORISE,
+    "/v1/text-classification": _CLASSIFY_TEXTS,
+    "/text-classification": _CLASSIFY_TEXTS,
+    "/v1/qa": _QA,
+    "/qa": _QA,
+    "/v1/emotion": _EMOTION,
+    "/emotion": _EMOTION,
+}
+"""Each path of this module to its body type and work (batch jobs run them per line)."""

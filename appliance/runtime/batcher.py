@@ -4,12 +4,17 @@ Work is cut into batches by item count and a token budget (items x longest item)
 is bounded: when it is full the request is refused at once (Overloaded, 503 + Retry-After)
 rather than held in unbounded memory. Model calls run on one worker thread per model, so the
 event loop only queues and awaits.
+
+Work has a priority: real-time requests (REALTIME) go before batch jobs (BACKGROUND), and a
+batch never mixes priorities, so a real-time request waits at most for the model call that is
+already running, never behind queued job lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +29,11 @@ log = logging.getLogger("appliance.batcher")
 T = TypeVar("T")
 R = TypeVar("R")
 
+REALTIME = 0
+"""Priority of an API request answered while the client waits: served first."""
+BACKGROUND = 10
+"""Priority of a batch job's lines: served when no real-time work is queued."""
+
 
 @dataclass(slots=True)
 class _Pending(Generic[T]):
@@ -31,6 +41,7 @@ class _Pending(Generic[T]):
     cost: int
     future: asyncio.Future[Any] = field(repr=False)
     enqueued: float = field(default_factory=time.perf_counter)
+    priority: int = REALTIME
 
 
 class Batcher(Generic[T, R]):
@@ -52,10 +63,12 @@ class Batcher(Generic[T, R]):
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self._queue: asyncio.Queue[_Pending[T]] = asyncio.Queue()
+        # (priority, arrival number, item): lowest priority value first, FIFO within one.
+        self._queue: asyncio.PriorityQueue[tuple[int, int, _Pending[T]]] = asyncio.PriorityQueue()
+        self._arrivals = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self._worker: asyncio.Task[None] | None = None
-        self._carry: _Pending[T] | None = None  # the item that overflowed the last batch
+        self._carry: tuple[int, int, _Pending[T]] | None = None  # overflowed the last batch
         self._busy = False  # a model call is running
         self._closed = False
 
@@ -85,13 +98,16 @@ class Batcher(Generic[T, R]):
         leftovers = [self._carry] if self._carry is not None else []
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
-        for pending in leftovers:
+        for _, _, pending in leftovers:
             if not pending.future.done():
                 pending.future.set_exception(Overloaded("The model is shutting down."))
         self._executor.shutdown(wait=True)
 
-    async def submit(self, items: Sequence[T], costs: Sequence[int]) -> list[R]:
-        """Queue the items (all or none) and wait for their results, in order."""
+    async def submit(
+        self, items: Sequence[T], costs: Sequence[int], *, priority: int = REALTIME
+    ) -> list[R]:
+        """Queue the items (all or none) and wait for their results, in order. Queued work of
+        a lower `priority` value is run first (REALTIME before BACKGROUND)."""
         if self._closed:
             raise ModelUnavailable(f"Model {self.name} was removed.", retry_after=1)
         if self._worker is None:
@@ -103,11 +119,11 @@ class Batcher(Generic[T, R]):
             )
         loop = asyncio.get_running_loop()
         pending = [
-            _Pending(item, cost, loop.create_future())
+            _Pending(item, cost, loop.create_future(), priority=priority)
             for item, cost in zip(items, costs, strict=True)
         ]
         for p in pending:
-            self._queue.put_nowait(p)
+            self._queue.put_nowait((priority, next(self._arrivals), p))
         try:
             return list(await asyncio.gather(*(p.future for p in pending)))
         except BaseException:
@@ -117,9 +133,11 @@ class Batcher(Generic[T, R]):
 
     async def _next_batch(self) -> list[_Pending[T]]:
         if self._carry is not None:
-            first, self._carry = self._carry, None
-        else:
-            first = await self._queue.get()
+            # Back into the queue with its place: more urgent work that came since goes first.
+            self._queue.put_nowait(self._carry)
+            self._carry = None
+        entry = await self._queue.get()
+        first = entry[2]
         batch = [first]
         longest = first.cost
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
@@ -129,15 +147,19 @@ class Batcher(Generic[T, R]):
                 if remaining <= 0:
                     break
                 try:
-                    nxt = await asyncio.wait_for(self._queue.get(), remaining)
+                    entry = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
             else:
-                nxt = self._queue.get_nowait()
+                entry = self._queue.get_nowait()
+            nxt = entry[2]
             candidate = max(longest, nxt.cost)
-            if candidate * (len(batch) + 1) > self.max_batch_tokens:
-                # Over the token budget: this item opens the next batch.
-                self._carry = nxt
+            if (
+                nxt.priority != first.priority
+                or candidate * (len(batch) + 1) > self.max_batch_tokens
+            ):
+                # Another priority, or over the token budget: this item opens the next batch.
+                self._carry = entry
                 break
             batch.append(nxt)
             longest = candidate

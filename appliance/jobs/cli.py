@@ -1,0 +1,250 @@
+"""`appliance batch`: async batch jobs of a running server, over its HTTP API.
+
+    appliance batch submit FILE --endpoint /v1/classify [--model M] [--classifier C] [--wait]
+    appliance batch status ID
+    appliance batch results ID > out.ndjson
+    appliance batch list | start ID | delete ID
+
+The server is --url (default: APPLIANCE_URL, else the host and port of the config); the key is
+--key (default: APPLIANCE_KEY, else data_dir/admin.key of the config). Messages go to stderr;
+stdout carries only the job id (submit), JSON (status, list) or the results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+
+import typer
+
+from appliance.config import ConfigError, load_settings
+
+if TYPE_CHECKING:
+    import httpx
+
+batch_app = typer.Typer(
+    no_args_is_help=True, help="Async batch jobs: upload NDJSON, run it, fetch the results."
+)
+
+UPLOAD_BLOCK = 1 << 20
+FINISHED = ("completed", "failed", "cancelled")
+
+UrlOpt = Annotated[
+    Optional[str],  # noqa: UP045 - typer needs Optional on 3.10
+    typer.Option(
+        "--url", envvar="APPLIANCE_URL", help="The server (default: from the config's host/port)."
+    ),
+]
+KeyOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--key", envvar="APPLIANCE_KEY", help="API key (default: data_dir/admin.key of the config)."
+    ),
+]
+ConfigOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--config", "-c", help="config.toml to read (default: ./config.toml if present)."),
+]
+
+
+def fail(message: str) -> NoReturn:
+    typer.secho(message, fg="red", err=True)
+    raise typer.Exit(1)
+
+
+class Server:
+    """The server's batch API, as one key sees it."""
+
+    def __init__(self, url: str | None, key: str | None, config: Path | None) -> None:
+        import httpx
+
+        settings = None
+        if url is None or key is None:
+            try:
+                settings = load_settings(config)
+            except ConfigError as exc:
+                typer.secho(f"config error: {exc}", fg="red", err=True)
+                raise typer.Exit(2) from None
+        if url is None:
+            assert settings is not None
+            host = settings.server.host
+            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            url = f"http://{host}:{settings.server.port}"
+        if key is None:
+            assert settings is not None
+            path = settings.data_path / "admin.key"
+            try:
+                key = path.read_text().strip()
+            except OSError:
+                fail(f"no API key: give --key, set APPLIANCE_KEY, or create {path}")
+        self.client = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(60.0, write=None),  # an upload may wait on a slow disk
+        )
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        import httpx
+
+        try:
+            r = self.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            fail(f"{self.client.base_url}: {exc}")
+        return self.checked(r)
+
+    @staticmethod
+    def checked(r: httpx.Response) -> dict[str, Any]:
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"message": r.text}
+        if r.status_code >= 400:
+            fail(f"HTTP {r.status_code}: {body.get('message', body)}")
+        return body  # type: ignore[no-any-return]
+
+
+def _blocks(path: Path, bar: Any) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while block := fh.read(UPLOAD_BLOCK):
+            bar.update(len(block))
+            yield block
+
+
+def _wait(server: Server, job: dict[str, Any]) -> dict[str, Any]:
+    with typer.progressbar(
+        length=job["total"], label=f"job {job['id']}", file=sys.stderr, show_pos=True
+    ) as bar:
+        shown = 0
+        while job["status"] not in FINISHED:
+            time.sleep(0.5)
+            job = server.call("GET", f"/v1/batch/{job['id']}")
+            bar.update(job["done"] - shown)
+            shown = job["done"]
+    return job
+
+
+@batch_app.command()
+def submit(
+    file: Annotated[
+        Path, typer.Argument(help="NDJSON: one request body of the endpoint per line.")
+    ],
+    endpoint: Annotated[
+        str, typer.Option(help="The endpoint each line is for, e.g. /v1/classify.")
+    ],
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Default model for lines that name none."),
+    ] = None,
+    classifier: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Default saved classifier (classify and tag endpoints)."),
+    ] = None,
+    start: Annotated[bool, typer.Option(help="Start the job once uploaded.")] = True,
+    wait: Annotated[bool, typer.Option(help="Wait for the job, with a progress bar.")] = False,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Upload FILE as a job and start it; prints the job id alone on the last line.
+
+    The file is streamed (any size up to the server's jobs.max_upload_bytes). --wait follows
+    the job to its end with a progress bar and exits 1 if it fails."""
+    import httpx
+
+    if not file.is_file():
+        fail(f"no such file: {file}")
+    server = Server(url, key, config)
+    size = file.stat().st_size
+    params = {
+        k: v
+        for k, v in {"endpoint": endpoint, "model": model, "classifier": classifier}.items()
+        if v
+    }
+    headers = {"Content-Type": "application/x-ndjson", "Content-Length": str(size)}
+    with typer.progressbar(length=size, label="upload", file=sys.stderr) as bar:
+        try:
+            r = server.client.post(
+                "/v1/batch", params=params, content=_blocks(file, bar), headers=headers
+            )
+        except httpx.HTTPError as exc:
+            fail(f"upload failed: {exc}")
+    job = server.checked(r)
+    typer.echo(f"job {job['id']}: {job['total']} lines for {job['endpoint']}", err=True)
+    if start:
+        job = server.call("POST", f"/v1/batch/{job['id']}/start")
+    if wait and start:
+        job = _wait(server, job)
+        typer.echo(
+            f"job {job['id']} {job['status']}: {job['succeeded']} ok, {job['failed']} failed",
+            err=True,
+        )
+    typer.echo(job["id"])
+    if job["status"] in ("failed", "cancelled"):
+        raise typer.Exit(1)
+
+
+@batch_app.command()
+def status(job_id: str, url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None) -> None:
+    """The job's status, counts, progress and ETA, as JSON."""
+    typer.echo(json.dumps(Server(url, key, config).call("GET", f"/v1/batch/{job_id}"), indent=2))
+
+
+@batch_app.command("list")
+def list_jobs(url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None) -> None:
+    """The key's jobs (an admin key: every job), one JSON object per line."""
+    for job in Server(url, key, config).call("GET", "/v1/batch")["data"]:
+        typer.echo(json.dumps(job))
+
+
+@batch_app.command("start")
+def start_job(
+    job_id: str, url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None
+) -> None:
+    """Start a created job, or resume a failed one."""
+    job = Server(url, key, config).call("POST", f"/v1/batch/{job_id}/start")
+    typer.echo(json.dumps(job))
+
+
+@batch_app.command("delete")
+def delete_job(
+    job_id: str, url: UrlOpt = None, key: KeyOpt = None, config: ConfigOpt = None
+) -> None:
+    """Cancel the job if it runs and delete its files."""
+    typer.echo(json.dumps(Server(url, key, config).call("DELETE", f"/v1/batch/{job_id}")))
+
+
+@batch_app.command()
+def results(
+    job_id: str,
+    output: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--output", "-o", help="Write here instead of stdout."),
+    ] = None,
+    url: UrlOpt = None,
+    key: KeyOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Stream the results: NDJSON, one line per input line, in order.
+
+    While the job runs: the lines done so far."""
+    import httpx
+
+    server = Server(url, key, config)
+    sink = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
+    try:
+        with server.client.stream("GET", f"/v1/batch/{job_id}/results") as r:
+            if r.status_code >= 400:
+                r.read()
+                server.checked(r)
+            for block in r.iter_bytes():
+                sink.write(block)
+    except httpx.HTTPError as exc:
+        fail(f"download failed: {exc}")
+    finally:
+        sink.flush()
+        if output:
+            sink.close()

@@ -1,0 +1,322 @@
+"""The server's jobs: created from a streamed upload, started (at most `jobs.max_running` at
+once), watched, read back and deleted; running jobs resume when the server starts and are
+checkpointed when it stops. A key sees its own jobs; an admin key sees every job."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import msgspec
+
+from appliance.classifiers import ClassifierStore
+from appliance.config import Settings
+from appliance.errors import (
+    ApplianceError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+    error_body,
+)
+from appliance.gateway.keys import ApiKey, KeyStore
+from appliance.gateway.usage import UsageLog
+from appliance.inference import Inference
+from appliance.jobs.endpoints import JOB_ENDPOINTS, JobEndpoint
+from appliance.jobs.store import JobState, JobStore
+from appliance.jobs.worker import Job, JobServices, UnmeteredLimiter, run_job, settled, utc_now
+from appliance.metrics import Metrics
+
+log = logging.getLogger("appliance.jobs")
+
+WRITE_BLOCK = 1 << 20  # the upload reaches the disk in blocks of about this many bytes
+# Bodies that are not raw NDJSON (a form upload would store its envelope as lines).
+REFUSED_CONTENT_TYPES = ("multipart/", "application/x-www-form-urlencoded")
+
+
+class JobManager:
+    def __init__(
+        self,
+        settings: Settings,
+        inference: Inference,
+        keys: KeyStore,
+        usage: UsageLog,
+        classifiers: ClassifierStore,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.data_path / settings.jobs.dir)
+        # The same registry, cache and usage log as real-time requests; only the rate limiter
+        # differs (jobs are paced by priority, see appliance.jobs.worker).
+        self.services = JobServices(
+            settings=settings,
+            store=self.store,
+            inference=replace(inference, limiter=UnmeteredLimiter()),
+            keys=keys,
+            usage=usage,
+            classifiers=classifiers,
+            metrics=metrics,
+        )
+        self.jobs: dict[str, Job] = {}
+        self._starting = asyncio.Lock()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the jobs on disk and resume the ones that were running."""
+        states = await asyncio.to_thread(self.store.load_all)
+        self.jobs = {s.id: Job(s) for s in states}
+        for job in self.jobs.values():
+            if job.state.status == "running":
+                log.info("job %s resumes at line %d", job.state.id, job.state.next_line)
+                self._launch(job)
+
+    async def stop(self) -> None:
+        """Let running jobs checkpoint their current chunk (bounded by
+        jobs.stop_timeout_seconds), then stop them; they resume at the next start."""
+        tasks = [job.task for job in self.jobs.values() if job.task is not None]
+        for job in self.jobs.values():
+            job.stopping = True
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=self.settings.jobs.stop_timeout_seconds)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+    def _launch(self, job: Job) -> None:
+        job.stopping = False
+        job.task = asyncio.get_running_loop().create_task(
+            self._run(job), name=f"job-{job.state.id}"
+        )
+
+    async def _run(self, job: Job) -> None:
+        try:
+            await run_job(job, self.services)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug or a disk error: fail the job, keep the server
+            log.exception("job %s failed", job.state.id)
+            error = ApplianceError("The job stopped on an internal error; start it to resume.")
+            state = msgspec.structs.replace(
+                job.state,
+                status="failed",
+                finished_at=utc_now(),
+                error=error_body(error.code, error.message, details={}, request_id=job.state.id),
+            )
+            try:
+                await settled(self.store.save, state)
+            except OSError:
+                log.exception("job %s: state not saved", job.state.id)
+            job.state = state
+        finally:
+            job.task = None
+
+    # ---- operations ------------------------------------------------------------------------
+    def target(self, path: str) -> JobEndpoint:
+        target = JOB_ENDPOINTS.get(path)
+        if target is None:
+            raise ValidationFailed(
+                f"A job cannot run endpoint '{path}'; it may run {', '.join(JOB_ENDPOINTS)}.",
+                details={"field": "endpoint", "allowed": list(JOB_ENDPOINTS)},
+            )
+        return target
+
+    async def _check_defaults(
+        self, key: ApiKey, target: JobEndpoint, model: str | None, classifier: str | None
+    ) -> None:
+        """Refuse at once what would fail every line: an unknown or forbidden model, a saved
+        classifier that does not exist or that the endpoint does not take."""
+        if model is not None:
+            entry = self.services.inference.registry.resolve(model, target.alias_scope)
+            if not key.allows_model(entry.slug):
+                raise Forbidden(
+                    f"This API key may not use model '{entry.slug}'.",
+                    details={"model": entry.slug},
+                )
+        if classifier is not None:
+            if not target.takes_classifier:
+                raise ValidationFailed(
+                    f"Endpoint '{target.path}' takes no classifier.",
+                    details={"field": "classifier"},
+                )
+            await asyncio.to_thread(self.services.classifiers.get, classifier)
+
+    async def create(
+        self,
+        key: ApiKey,
+        path: str,
+        body: AsyncIterator[bytes],
+        *,
+        model: str | None = None,
+        classifier: str | None = None,
+        content_type: str = "",
+        content_length: int | None = None,
+    ) -> Job:
+        """Write the streamed NDJSON `body` to a new job's folder; the job is `created`."""
+        target = self.target(path)
+        await self._check_defaults(key, target, model, classifier)
+        if content_type.lower().startswith(REFUSED_CONTENT_TYPES):
+            raise BadRequest(
+                "Send the NDJSON as the raw request body (Content-Type: application/x-ndjson), "
+                "not as a form.",
+                details={"content_type": content_type},
+            )
+        cap = self.settings.jobs.max_upload_bytes
+        if content_length is not None and content_length > cap:
+            raise self._too_large(cap)
+        job_id = "batch_" + secrets.token_hex(8)
+        upload = await asyncio.to_thread(self.store.begin_upload, job_id)
+        try:
+            pending = bytearray()
+            size = 0
+            async for piece in body:
+                size += len(piece)
+                if size > cap:
+                    raise self._too_large(cap)
+                pending += piece
+                if len(pending) >= WRITE_BLOCK:
+                    await asyncio.to_thread(upload.write, pending)
+                    pending.clear()
+            if pending:
+                await asyncio.to_thread(upload.write, pending)
+            total = upload.counter.finish()
+            if total == 0:
+                raise ValidationFailed(
+                    "The body holds no lines: send one request body of the endpoint per line.",
+                    details={"field": "body"},
+                )
+            state = JobState(
+                id=job_id,
+                key_id=key.id,
+                endpoint=path,
+                model=model,
+                classifier=classifier,
+                created_at=utc_now(),
+                total=total,
+                input_bytes=size,
+            )
+            await asyncio.to_thread(upload.finish, state)
+        except BaseException:
+            upload.abort()  # in this thread: it must happen even when the request is cancelled
+            raise
+        job = self.jobs[job_id] = Job(state)
+        log.info("job %s created: %d lines for %s", job_id, total, path)
+        return job
+
+    @staticmethod
+    def _too_large(cap: int) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"The upload is larger than {cap} bytes (jobs.max_upload_bytes).",
+            details={"max_bytes": cap},
+        )
+
+    def get(self, job_id: str, key: ApiKey) -> Job:
+        """The job, if `key` may see it: its own, or any for an admin key; else 404."""
+        job = self.jobs.get(job_id)
+        if job is None or (job.state.key_id != key.id and not key.allows_scope("admin")):
+            raise NotFound(f"No batch job '{job_id}'.", details={"id": job_id})
+        return job
+
+    def list(self, key: ApiKey) -> list[Job]:
+        """The jobs `key` may see, newest first."""
+        admin = key.allows_scope("admin")
+        jobs = [j for j in self.jobs.values() if admin or j.state.key_id == key.id]
+        return sorted(jobs, key=lambda j: (j.state.created_at, j.state.id), reverse=True)
+
+    async def start_job(self, job_id: str, key: ApiKey) -> Job:
+        """Run a created job, or resume a failed one from its checkpoint. 409 if it runs or
+        is complete, or if `jobs.max_running` jobs run already."""
+        job = self.get(job_id, key)
+        async with self._starting:
+            status = job.state.status
+            if status not in ("created", "failed"):
+                raise Conflict(
+                    f"Batch job '{job_id}' is {status}; only a created or failed job can start.",
+                    details={"id": job_id, "status": status},
+                )
+            running = sum(j.state.status == "running" for j in self.jobs.values())
+            limit = self.settings.jobs.max_running
+            if running >= limit:
+                raise Conflict(
+                    f"{running} batch jobs are running, the most allowed at once; start this "
+                    "one when another finishes.",
+                    details={"running": running, "max_running": limit},
+                )
+            state = msgspec.structs.replace(
+                job.state,
+                status="running",
+                started_at=job.state.started_at or utc_now(),
+                finished_at=None,
+                error=None,
+            )
+            await settled(self.store.save, state)
+            job.state = state
+            self._launch(job)
+        log.info("job %s started", job_id)
+        return job
+
+    async def delete(self, job_id: str, key: ApiKey) -> dict[str, Any]:
+        """Cancel the job if it runs, and remove its files. Returns its last view."""
+        job = self.get(job_id, key)
+        if (task := job.task) is not None:
+            task.cancel()
+            await asyncio.wait({task})
+        if job.state.status in ("created", "running"):
+            job.state = msgspec.structs.replace(
+                job.state, status="cancelled", finished_at=utc_now()
+            )
+        self.jobs.pop(job_id, None)
+        await asyncio.to_thread(self.store.delete, job_id)
+        log.info("job %s deleted", job_id)
+        return {**self.view(job), "deleted": True}
+
+    def results(self, job_id: str, key: ApiKey) -> AsyncIterator[bytes]:
+        """The result lines committed so far, to stream from disk (404 now, not mid-stream)."""
+        job = self.get(job_id, key)
+        return self._read_results(job_id, job.state.results_bytes)
+
+    async def _read_results(self, job_id: str, limit: int) -> AsyncIterator[bytes]:
+        blocks = self.store.read_results(job_id, limit)
+        try:
+            while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+                yield block
+        finally:
+            await asyncio.to_thread(blocks.close)
+
+    def view(self, job: Job) -> dict[str, Any]:
+        """What the API shows of a job."""
+        s = job.state
+        eta = None
+        if s.status == "running" and job.run_started:
+            processed, elapsed = s.done - job.run_done, time.monotonic() - job.run_started
+            if processed > 0 and elapsed > 0:
+                eta = round((s.total - s.done) * elapsed / processed, 1)
+        return {
+            "id": s.id,
+            "object": "batch",
+            "endpoint": s.endpoint,
+            "model": s.model,
+            "classifier": s.classifier,
+            "status": s.status,
+            "total": s.total,
+            "done": s.done,
+            "succeeded": s.done - s.failed,
+            "failed": s.failed,
+            "progress": round(s.done / s.total, 4) if s.total else 1.0,
+            "eta_seconds": eta,
+            "tokens": s.tokens,
+            "input_bytes": s.input_bytes,
+            "created_at": s.created_at,
+            "started_at": s.started_at,
+            "finished_at": s.finished_at,
+            "key_id": s.key_id,
+            "error": s.error,
+        }
