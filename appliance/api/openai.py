@@ -10,10 +10,10 @@ import numpy as np
 from litestar import Request, Response, post
 
 from appliance.api.responses import call_for, inference_response
-from appliance.api.tasks import VECTORISE, as_batch
+from appliance.api.tasks import VECTORISE, Endpoint, Work, as_batch
 from appliance.config import Settings
 from appliance.errors import ValidationFailed
-from appliance.inference import Inference
+from appliance.inference import Inference, Outcome
 
 
 class EmbeddingsBody(msgspec.Struct, kw_only=True):
@@ -55,13 +55,19 @@ async def embeddings(
     data: EmbeddingsBody, request: Request[Any, Any, Any], inference: Inference, settings: Settings
 ) -> Response[dict[str, Any]]:
     """{object: "list", data: [{object: "embedding", embedding, index}], model, usage}."""
-    texts = _texts(data.input, settings.server.max_batch_items)
-    outcome = await inference.run(
+    return inference_response(*await embed(data, Work(call_for(request), inference, settings)))
+
+
+async def embed(data: EmbeddingsBody, work: Work) -> tuple[dict[str, Any], Outcome]:
+    """The work of POST /v1/embeddings (batch jobs run it per line too)."""
+    texts = _texts(data.input, work.settings.server.max_batch_items)
+    outcome = await work.inference.run(
         data.model,
         [{"text": t} for t in texts],
-        call=call_for(request),
+        call=work.call,
         tasks=VECTORISE,
         endpoint="embeddings",
+        priority=work.priority,
     )
     items = [
         {
@@ -77,7 +83,8 @@ async def embeddings(
         "model": outcome.model.slug,
         "usage": {"prompt_tokens": outcome.tokens, "total_tokens": outcome.tokens},
     }
-    return inference_response(body, outcome)
+    return body, outcome
 
 
 ROUTES = [embeddings]
+ENDPOINTS: dict[str, Endpoint] = {"/v1/embeddings": Endpoint(EmbeddingsBody, embed)}

@@ -10,10 +10,10 @@ import msgspec
 from litestar import Request, Response, post
 
 from appliance.api.responses import call_for, inference_response
-from appliance.api.tasks import as_batch
+from appliance.api.tasks import Endpoint, Work, as_batch
 from appliance.config import Settings
 from appliance.errors import ValidationFailed
-from appliance.inference import Inference
+from appliance.inference import Inference, Outcome
 
 # Which model tasks each endpoint can use.
 CLIP = "zero-shot-image-classification"
@@ -60,16 +60,26 @@ async def image_vectorisation(
     settings: Settings,
 ) -> Response[ImageVectorResponse]:
     """Vectorise an image or a list of images (CLIP: the same space as its text vectors)."""
-    images, batch = as_batch(data.image, "image", settings.server.max_batch_items)
-    outcome = await inference.run(
+    return inference_response(
+        *await vectorise_images(data, Work(call_for(request), inference, settings))
+    )
+
+
+async def vectorise_images(
+    data: ImageVectorisationBody, work: Work
+) -> tuple[ImageVectorResponse, Outcome]:
+    """The work of /v1/image-vectorisation (batch jobs run it per line too)."""
+    images, batch = as_batch(data.image, "image", work.settings.server.max_batch_items)
+    outcome = await work.inference.run(
         data.model,
         [{"image": i} for i in images],
-        call=call_for(request),
+        call=work.call,
         tasks={CLIP},
         endpoint="image-vectorisation",
+        priority=work.priority,
     )
     vectors = [r.output["vector"] for r in outcome.results]
-    return inference_response(ImageVectorResponse(vector=vectors if batch else vectors[0]), outcome)
+    return ImageVectorResponse(vector=vectors if batch else vectors[0]), outcome
 
 
 @post(
@@ -86,11 +96,21 @@ async def image_classification(
 ) -> Response[ImageClassificationResult | list[ImageClassificationResult]]:
     """Classify an image or a list of images: zero-shot over `labels` with a CLIP model, or
     with an image classifier over its own labels (or the subset `labels` names)."""
-    images, batch = as_batch(data.image, "image", settings.server.max_batch_items)
-    call = call_for(request)
+    return inference_response(
+        *await classify_images(data, Work(call_for(request), inference, settings))
+    )
+
+
+async def classify_images(
+    data: ImageClassificationBody, work: Work
+) -> tuple[ImageClassificationResult | list[ImageClassificationResult], Outcome]:
+    """The work of /v1/image-classification (batch jobs run it per line too)."""
+    images, batch = as_batch(data.image, "image", work.settings.server.max_batch_items)
     if data.labels is None:
         # Without labels a CLIP model would answer with vectors: say what is missing instead.
-        entry = inference.model_for(data.model, call.key, IMAGE_LABELS, "image-classification")
+        entry = work.inference.model_for(
+            data.model, work.call.key, IMAGE_LABELS, "image-classification"
+        )
         if entry.manifest is not None and entry.manifest.task == CLIP:
             raise ValidationFailed(
                 "`labels` is required: a CLIP model classifies into the labels you give.",
@@ -99,13 +119,26 @@ async def image_classification(
     payloads = [
         {"image": i} if data.labels is None else {"image": i, "labels": data.labels} for i in images
     ]
-    outcome = await inference.run(
-        data.model, payloads, call=call, tasks=IMAGE_LABELS, endpoint="image-classification"
+    outcome = await work.inference.run(
+        data.model,
+        payloads,
+        call=work.call,
+        tasks=IMAGE_LABELS,
+        endpoint="image-classification",
+        priority=work.priority,
     )
     results = [
         ImageClassificationResult(probabilities=r.output["probabilities"]) for r in outcome.results
     ]
-    return inference_response(results if batch else results[0], outcome)
+    return (results if batch else results[0]), outcome
 
 
 ROUTES: list[Any] = [image_vectorisation, image_classification]
+_VECTORS = Endpoint(ImageVectorisationBody, vectorise_images)
+_CLASSES = Endpoint(ImageClassificationBody, classify_images)
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/image-vectorisation": _VECTORS,
+    "/image-vectorisation": _VECTORS,
+    "/v1/image-classification": _CLASSES,
+    "/image-classification": _CLASSES,
+}

@@ -3,39 +3,10 @@ real-time handler runs, plus the name its per-endpoint model aliases are kept un
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from appliance.api import classify, openai, tasks
-from appliance.api.tasks import VECTORISE, Endpoint, Work
-from appliance.inference import Outcome
-
-
-async def embed(data: openai.EmbeddingsBody, work: Work) -> tuple[dict[str, Any], Outcome]:
-    """The work of POST /v1/embeddings (OpenAI's shape), as its handler does it."""
-    texts = openai._texts(data.input, work.settings.server.max_batch_items)
-    outcome = await work.inference.run(
-        data.model,
-        [{"text": t} for t in texts],
-        call=work.call,
-        tasks=VECTORISE,
-        endpoint="embeddings",
-        priority=work.priority,
-    )
-    items = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": openai._encode(r.output["vector"], data.dimensions, data.encoding_format),
-        }
-        for i, r in enumerate(outcome.results)
-    ]
-    body = {
-        "object": "list",
-        "data": items,
-        "model": outcome.model.slug,
-        "usage": {"prompt_tokens": outcome.tokens, "total_tokens": outcome.tokens},
-    }
-    return body, outcome
+from appliance.api import classify, generation, openai, tasks, vision
+from appliance.api.tasks import Endpoint
 
 
 class JobEndpoint(NamedTuple):
@@ -57,7 +28,9 @@ def _alias_scope(path: str) -> str:
 _ALL: dict[str, Endpoint] = {
     **tasks.ENDPOINTS,
     **classify.ENDPOINTS,
-    "/v1/embeddings": Endpoint(openai.EmbeddingsBody, embed),
+    **openai.ENDPOINTS,
+    **generation.ENDPOINTS,
+    **vision.ENDPOINTS,
 }
 
 JOB_ENDPOINTS: dict[str, JobEndpoint] = {
