@@ -208,8 +208,8 @@ def export_model(
     name: str | None = None,
     description: str = "",
     preset: str | None = None,
-    min_cosine: float = 0.98,
-    min_agreement: float = 0.9,
+    min_cosine: float | None = None,
+    min_agreement: float | None = None,
     force: bool = False,
     console: Console | None = None,
     options: dict[str, Any] | None = None,
@@ -237,10 +237,11 @@ def export_model(
             preset=preset,
             force=force,
             console=console,
+            # Thresholds go through only when given: each task has its own defaults.
             options={
                 "precision": precision,
-                "min_cosine": min_cosine,
-                "min_agreement": min_agreement,
+                **({"min_cosine": min_cosine} if min_cosine is not None else {}),
+                **({"min_agreement": min_agreement} if min_agreement is not None else {}),
                 **(options or {}),
             },
         )
@@ -256,7 +257,10 @@ def export_model(
         force=force,
         console=console,
         make_validator=lambda info: Validator(
-            info, spec, min_cosine=min_cosine, min_agreement=min_agreement
+            info,
+            spec,
+            min_cosine=0.98 if min_cosine is None else min_cosine,
+            min_agreement=0.9 if min_agreement is None else min_agreement,
         ),
         precision=precision,
     )
