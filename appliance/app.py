@@ -20,11 +20,14 @@ from litestar.di import Provide
 from appliance.api import (
     account,
     classify,
+    custom,
     docs,
     generation,
+    jobs,
     models,
     openai,
     operations,
+    summarise,
     tasks,
     vision,
 )
@@ -39,8 +42,10 @@ from appliance.gateway.keys import KeyStore
 from appliance.gateway.ratelimit import RateLimiter
 from appliance.gateway.usage import UsageLog
 from appliance.inference import Inference
+from appliance.jobs.manager import JobManager
 from appliance.lifecycle import Lifecycle
 from appliance.metrics import Metrics
+from appliance.models.builds import Builds
 from appliance.models.registry import Registry
 
 log = logging.getLogger("appliance")
@@ -78,16 +83,22 @@ def create_app(
         ttl_seconds=settings.cache.ttl_seconds,
         enabled=settings.cache.enabled,
     )
+    builds = Builds(settings, registry)
     inference = Inference(registry, cache, limiter or RateLimiter(), usage, settings.limits)
+    classifiers = ClassifierStore(settings.data_path / "classifiers.json")
+    job_manager = JobManager(settings, inference, keys, usage, classifiers, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         bootstrap_admin_key(settings, keys)
         await asyncio.to_thread(usage.start)
         await registry.start()
+        await job_manager.start()  # resumes the jobs that were running
         try:
             yield
         finally:
+            await job_manager.stop()  # checkpoints them first: they resume at the next start
+            await builds.stop()
             await registry.stop()
             await asyncio.to_thread(usage.stop)
             cache.close()
@@ -104,8 +115,11 @@ def create_app(
             *tasks.ROUTES,
             *classify.ROUTES,
             *openai.ROUTES,
+            *custom.ROUTES,
+            *summarise.ROUTES,
             *generation.ROUTES,
             *vision.ROUTES,
+            *jobs.ROUTES,
             account.list_keys,
             account.create_key,
             account.revoke_key,
@@ -119,10 +133,12 @@ def create_app(
         dependencies={
             "settings": provide(settings),
             "registry": provide(registry),
+            "builds": provide(builds),
             "inference": provide(inference),
             "keys": provide(keys),
             "usage": provide(usage),
-            "classifiers": provide(ClassifierStore(settings.data_path / "classifiers.json")),
+            "classifiers": provide(classifiers),
+            "jobs": provide(job_manager),
             "metrics": provide(metrics),
             "lifecycle": provide(lifecycle),
         },

@@ -202,8 +202,11 @@ def export(
         ),
     ] = None,
     min_cosine: Annotated[
-        float, typer.Option(help="Refuse below this INT8-vs-PyTorch cosine.")
-    ] = 0.98,
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="Refuse below this INT8-vs-PyTorch cosine (default: the task's own)."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Write the model even if validation fails.")] = False,
     gguf_file: Annotated[
         Optional[str],  # noqa: UP045
@@ -298,6 +301,50 @@ def export_defaults(
     from exporters.defaults import export_missing_defaults
 
     export_missing_defaults(out or settings.models_path)
+
+
+@app.command()
+def bench(
+    systems: Annotated[
+        str, typer.Option(help="Comma-separated subset of: appliance, torch, infinity, engine.")
+    ] = "appliance,torch,infinity,engine",
+    quick: Annotated[bool, typer.Option(help="A short run: fewer points, 3 s each.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder.")] = None,  # noqa: UP045
+    models_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Use models already exported there (default: export the default)."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="Slug of the embedding model.")] = "all-minilm-l6-v2",
+    loadgen: Annotated[str, typer.Option(help="auto (wrk if it can be had), wrk or httpx.")] = (
+        "auto"
+    ),
+    duration: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Seconds per point (default 8, --quick 3)."),
+    ] = None,
+    concurrency: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Comma-separated levels (default 1,8,32,128; --quick 1,32)."),
+    ] = None,
+    sizes: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(help="Measure a fresh serving venv (default: yes, not under --quick)."),
+    ] = None,
+) -> None:
+    """Benchmark the appliance against PyTorch fp32, infinity-emb and the raw INT8 engine."""
+    from benchmarks.cli import bench_command
+
+    bench_command(
+        systems=systems,
+        quick=quick,
+        out=out,
+        models_dir=models_dir,
+        model=model,
+        loadgen=loadgen,
+        duration=duration,
+        concurrency=concurrency,
+        sizes=sizes,
+    )
 
 
 if __name__ == "__main__":  # python -m appliance.cli

@@ -98,9 +98,39 @@ class CacheConfig(_Section):
     """An entry older than this is a miss."""
 
 
+class ModelsConfig(_Section):
+    watch_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    """How often models_dir is rescanned for added, replaced or removed folders (0: never)."""
+    retire_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    """A replaced or deleted model keeps answering requests that already chose it this long."""
+    max_upload_bytes: Positive = 5 * 1024**3
+    """Largest model zip accepted by POST /v1/models and upload URLs."""
+    max_unpacked_bytes: Positive = 20 * 1024**3
+    """Largest total size a model zip may unpack to."""
+    max_compression_ratio: Positive = 200
+    """Zip members compressed more than this are refused (zip bombs)."""
+    build_timeout_seconds: Positive = 3600
+    """A background export taking longer than this fails."""
+
+
 class UsageConfig(_Section):
     retention_days: Annotated[float, msgspec.Meta(gt=0)] = 90
     """Request log rows older than this are deleted (token spend for quotas is kept)."""
+
+
+class JobsConfig(_Section):
+    dir: str = "jobs"
+    """Where async batch jobs keep their input, results and state; relative to data_dir."""
+    max_upload_bytes: Positive = 5 * 1024**3
+    """Largest NDJSON upload to POST /v1/batch; bigger uploads get 413."""
+    max_running: Positive = 2
+    """Jobs running at once; starting one more gets 409."""
+    chunk_lines: Positive = 64
+    """Lines given to the models together, then written and checkpointed (fsync) as one."""
+    write_cache: bool = False
+    """Store job answers in the response cache (they are always looked up in it)."""
+    stop_timeout_seconds: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    """On shutdown, how long a running job may take to checkpoint its current chunk."""
 
 
 class Settings(_Section):
@@ -114,6 +144,8 @@ class Settings(_Section):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
+    models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
     aliases: dict[str, str] = msgspec.field(default_factory=lambda: {"english": "all-minilm-l6-v2"})
     """Model names of the task API (english, multilingual, clip, ...) mapped to slugs."""
     endpoint_aliases: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from appliance.api import classify, generation, openai, tasks, vision
+from appliance.api import classify, generation, openai, summarise, tasks, vision
 from appliance.api.tasks import Endpoint
 
 
@@ -31,6 +31,7 @@ _ALL: dict[str, Endpoint] = {
     **openai.ENDPOINTS,
     **generation.ENDPOINTS,
     **vision.ENDPOINTS,
+    **summarise.ENDPOINTS,
 }
 
 JOB_ENDPOINTS: dict[str, JobEndpoint] = {

@@ -115,7 +115,71 @@ class TextEncoderRunner(Runner[str, Encoded, Raw]):
     def cost(self, item: Encoded) -> int:
         return item.n_tokens
 
+    PAD_WASTE_TOKENS: ClassVar[int | None] = None
+    """Split a merged batch where padding would waste more than this many tokens (None: off)."""
+    CALL_TOKENS: ClassVar[int | None] = None
+    """Padded tokens per model call, at most; one item alone may exceed it (None: off)."""
+    # Both are off by default. Measured (`appliance bench`, engine section: all-MiniLM-L6-v2
+    # INT8, 2 cores) with 256 and 1024: merged batches of 32 medium texts 1.4-3x faster,
+    # mixed lengths 1.6-1.8x, short texts unchanged. But dynamic INT8 quantises activations
+    # per tensor, over the whole call: which texts share a call moves each text's result a
+    # little, and with the exporter's validation batch (15 short texts + one of 256 tokens,
+    # one call) the default model's min cosine falls from 0.986 to 0.979, under the
+    # exporter's 0.98 gate. Turn them on once validation runs with the grouping the server
+    # uses (in serving, short texts already share calls with short texts: ~0.979 for "hello").
+
     def run_session(self, batch: list[Encoded]) -> tuple[list[np.ndarray], np.ndarray]:
-        arrays = self.tokenizer.pad(batch)
-        outputs = self.session.run(None, self.feeds(arrays))
-        return outputs, arrays["attention_mask"]
+        """Run the model over the batch; outputs and attention mask in the batch's order.
+
+        Items are padded per call to the longest one, and a call costs about its padded
+        tokens, a big one more per token. With PAD_WASTE_TOKENS / CALL_TOKENS set, the batch
+        is sorted by length and cut into calls: where padding the items so far up to the next
+        length would waste more than PAD_WASTE_TOKENS (one merged batch of short and long
+        texts), and where a call would pass CALL_TOKENS. Outputs are put back in the batch's
+        order, sequence outputs padded with zeros behind the mask."""
+        waste, budget = self.PAD_WASTE_TOKENS, self.CALL_TOKENS
+        if waste is None and budget is None:
+            arrays = self.tokenizer.pad(batch)
+            return self.session.run(None, self.feeds(arrays)), arrays["attention_mask"]
+        lengths = [e.n_tokens for e in batch]
+        order = sorted(range(len(batch)), key=lengths.__getitem__)
+        buckets: list[list[int]] = [[]]
+        for i in order:
+            bucket = buckets[-1]
+            width = lengths[i]  # the longest so far: sorted
+            if bucket and (
+                (waste is not None and len(bucket) * (width - lengths[bucket[-1]]) > waste)
+                or (budget is not None and (len(bucket) + 1) * width > budget)
+            ):
+                buckets.append([i])
+            else:
+                bucket.append(i)
+        if len(buckets) == 1:
+            arrays = self.tokenizer.pad(batch)
+            return self.session.run(None, self.feeds(arrays)), arrays["attention_mask"]
+        longest = max(lengths)
+        mask = np.zeros((len(batch), longest), dtype=np.int64)
+        for row, n in enumerate(lengths):
+            mask[row, :n] = 1
+        declared = [o.shape for o in self.session.get_outputs()]
+        merged: list[np.ndarray] = []
+        for bucket in buckets:
+            width = lengths[bucket[-1]]
+            outputs = self.session.run(
+                None, self.feeds(self.tokenizer.pad([batch[i] for i in bucket]))
+            )
+            rows = np.asarray(bucket)
+            for k, out in enumerate(outputs):
+                sequence = (
+                    out.ndim >= 2
+                    and out.shape[1] == width
+                    and not isinstance((declared[k] + [None, None])[1], int)
+                )
+                if len(merged) <= k:
+                    lead = (len(batch), longest) if sequence else (len(batch),)
+                    merged.append(np.zeros(lead + out.shape[2 if sequence else 1 :], out.dtype))
+                if sequence:
+                    merged[k][rows, :width] = out
+                else:
+                    merged[k][rows] = out
+        return merged, mask
