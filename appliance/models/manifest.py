@@ -72,7 +72,8 @@ class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.size for f in self.files.values())
+        # Roles may share a file (a seq2seq "model" is its "encoder"): count each file once.
+        return sum({f.path: f.size for f in self.files.values()}.values())
 
     @property
     def fingerprint(self) -> str:
