@@ -64,7 +64,9 @@ def make_bundle(
 ) -> Path:
     say = log if callable(log) else print
     if not (source / "pyproject.toml").is_file():
-        raise BundleError(f"{source} is not a source checkout of the appliance: run bundle from one")
+        raise BundleError(
+            f"{source} is not a source checkout of the appliance: run bundle from one"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "appliance-bundle"
         wheels = root / "wheels"

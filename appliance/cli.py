@@ -203,9 +203,7 @@ def export(
     ] = None,
     min_cosine: Annotated[
         Optional[float],  # noqa: UP045
-        typer.Option(
-            help="Refuse below this INT8-vs-PyTorch cosine (default: the task's own)."
-        ),
+        typer.Option(help="Refuse below this INT8-vs-PyTorch cosine (default: the task's own)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Write the model even if validation fails.")] = False,
     gguf_file: Annotated[
