@@ -146,11 +146,16 @@ async def classify(
 
 async def classify_one(data: ClassifyBody, work: Work) -> tuple[dict[str, Any], Outcome]:
     """The work of /v1/classify."""
+    return await _one(data, work, multi=False)
+
+
+async def _one(data: ClassifyBody, work: Work, *, multi: bool) -> tuple[dict[str, Any], Outcome]:
     start = time.perf_counter()
     plan = _plan(data, _store(work))
-    outcome = await _run([await _text_of(data)], plan, False, work)
+    outcome = await _run([await _text_of(data)], plan, multi, work)
+    shape = _tagged if multi else _classified
     body = {
-        **_classified(outcome.results[0].output, plan.threshold),
+        **shape(outcome.results[0].output, plan.threshold),
         **_stats(outcome, start),
         "cached": outcome.cached,
     }
@@ -172,15 +177,7 @@ async def tag(
 
 async def tag_one(data: ClassifyBody, work: Work) -> tuple[dict[str, Any], Outcome]:
     """The work of /v1/tag."""
-    start = time.perf_counter()
-    plan = _plan(data, _store(work))
-    outcome = await _run([await _text_of(data)], plan, True, work)
-    body = {
-        **_tagged(outcome.results[0].output, plan.threshold),
-        **_stats(outcome, start),
-        "cached": outcome.cached,
-    }
-    return body, outcome
+    return await _one(data, work, multi=True)
 
 
 @post("/v1/classify/batch", opt={"scope": "predict"}, tags=["classify"], status_code=200)
@@ -198,11 +195,16 @@ async def classify_batch(
 
 async def classify_many(data: BatchBody, work: Work) -> tuple[dict[str, Any], Outcome]:
     """The work of /v1/classify/batch."""
+    return await _many(data, work, multi=False)
+
+
+async def _many(data: BatchBody, work: Work, *, multi: bool) -> tuple[dict[str, Any], Outcome]:
     start = time.perf_counter()
     texts, _ = as_batch(data.texts, "texts", work.settings.server.max_batch_items)
     plan = _plan(data, _store(work))
-    outcome = await _run(texts, plan, False, work)
-    results = [_classified(r.output, plan.threshold) for r in outcome.results]
+    outcome = await _run(texts, plan, multi, work)
+    shape = _tagged if multi else _classified
+    results = [shape(r.output, plan.threshold) for r in outcome.results]
     return {"results": results, **_stats(outcome, start)}, outcome
 
 
@@ -221,12 +223,7 @@ async def tag_batch(
 
 async def tag_many(data: BatchBody, work: Work) -> tuple[dict[str, Any], Outcome]:
     """The work of /v1/tag/batch."""
-    start = time.perf_counter()
-    texts, _ = as_batch(data.texts, "texts", work.settings.server.max_batch_items)
-    plan = _plan(data, _store(work))
-    outcome = await _run(texts, plan, True, work)
-    results = [_tagged(r.output, plan.threshold) for r in outcome.results]
-    return {"results": results, **_stats(outcome, start)}, outcome
+    return await _many(data, work, multi=True)
 
 
 @get("/v1/classifiers", opt={"scope": "predict"}, tags=["classify"])
