@@ -38,3 +38,10 @@ def test_openapi_lists_the_endpoints_and_auth(client: TestClient) -> None:
     assert schemes["apiKey"]["name"] == "x-api-key"
     body = schema["paths"]["/v1/text-vectorisation"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"]
+
+
+def test_raw_uploads_are_documented(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, media in (("/v1/batch", "application/x-ndjson"), ("/v1/models", "application/zip")):
+        body = paths[path]["post"]["requestBody"]
+        assert media in body["content"] and body["required"] is True

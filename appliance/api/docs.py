@@ -7,12 +7,22 @@ catch-all not-found page answer every unknown path); /docs and /openapi.json ren
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
 from litestar.router import Router
 from litestar.static_files import create_static_files_router
 from swagger_ui_bundle import swagger_ui_path
@@ -68,3 +78,23 @@ def assets_router() -> Router:
     return create_static_files_router(
         path=ASSETS, directories=[swagger_ui_path], include_in_schema=False
     )
+
+
+def raw_body(media_type: str, description: str) -> type[Operation]:
+    """An OpenAPI operation whose request body is a raw stream (a zip, NDJSON), which the
+    handler reads itself rather than through a typed `data` parameter."""
+
+    @dataclass
+    class RawBodyOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(
+                required=True,
+                description=description,
+                content={
+                    media_type: OpenAPIMediaType(
+                        schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+                    )
+                },
+            )
+
+    return RawBodyOperation

@@ -13,6 +13,7 @@ from litestar import Request, delete, get, post
 from litestar.params import Parameter
 from litestar.response import Stream
 
+from appliance.api.docs import raw_body
 from appliance.gateway.auth import current_key
 from appliance.jobs.manager import JobManager
 
@@ -25,6 +26,7 @@ NDJSON = "application/x-ndjson"
     tags=["jobs"],
     status_code=201,
     request_max_body_size=None,  # the jobs cap is enforced while streaming, not by litestar
+    operation_class=raw_body("application/x-ndjson", "One request body of `endpoint` per line."),
 )
 async def create_job(
     request: Request[Any, Any, Any],

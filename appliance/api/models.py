@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, delete, get, post, put
 
+from appliance.api.docs import raw_body
 from appliance.api.responses import call_for, inference_response
 from appliance.api.schemas import (
     ModelDetail,
@@ -207,6 +208,9 @@ def _accepted(slug: str) -> Response[dict[str, Any]]:
     opt={"scope": "admin"},
     tags=["models"],
     request_max_body_size=None,  # streamed to disk under models.max_upload_bytes
+    operation_class=raw_body(
+        "application/zip", "An exported model folder or a checkpoint, zipped."
+    ),
 )
 async def upload_model(
     request: Request[Any, Any, Any], builds: Builds, name: str, task: str | None = None
@@ -235,7 +239,12 @@ async def upload_url(
     return Response(msgspec.json.encode(url), media_type="application/json")
 
 
-@put("/uploads/{token:str}", tags=["tasks"], request_max_body_size=None)
+@put(
+    "/uploads/{token:str}",
+    tags=["tasks"],
+    request_max_body_size=None,
+    operation_class=raw_body("application/zip", "The model zip."),
+)
 async def upload_by_url(
     token: str, request: Request[Any, Any, Any], builds: Builds
 ) -> Response[dict[str, Any]]:
