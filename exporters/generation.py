@@ -455,6 +455,36 @@ def _choose(trials: list[Trial], torch_speed: float, min_agreement: float) -> Tr
     return max(pool, key=lambda t: t.tokens_per_second) if pool else None
 
 
+def pick_scheme(
+    trials: list[Trial],
+    torch_speed: float,
+    min_agreement: float,
+    *,
+    force: bool,
+    console: Console,
+    what: str = "generation",
+) -> tuple[Trial, bool]:
+    """The scheme to ship and whether it passed: the fastest faithful one; with `force`, the
+    most faithful measured one when none passes; otherwise an ExportError that says why."""
+    chosen = _choose(trials, torch_speed, min_agreement)
+    if chosen is None:
+        measured = [t for t in trials if not t.error]
+        report = ", ".join(f"{t.scheme} {t.agreement:.2f}" for t in measured)
+        if not force or not measured:
+            raise ExportError(
+                f"no INT8 scheme keeps greedy {what} close enough to PyTorch "
+                f"(agreement {report or 'none measured'}; need {min_agreement}). "
+                "Nothing was written; --force writes the most faithful one anyway."
+            )
+        return max(measured, key=lambda t: (t.agreement, t.tokens_per_second)), False
+    if chosen.tokens_per_second <= torch_speed:
+        console.print(
+            f"[yellow]no scheme beat PyTorch fp32 decode speed here ({torch_speed:.1f} "
+            "tokens/s); keeping the fastest faithful one[/yellow]"
+        )
+    return chosen, True
+
+
 def _versions() -> dict[str, str]:
     versions = library_versions()
     for extra in ("gguf", "onnx-ir"):
@@ -547,24 +577,9 @@ def export_generation(
                     f"{trial.size_bytes / 1e6:.1f} MB"
                 )
 
-        chosen = _choose(trials, reference.tokens_per_second, min_agreement)
-        passed = chosen is not None
-        if chosen is None:
-            measured = [t for t in trials if not t.error]
-            report = ", ".join(f"{t.scheme} {t.agreement:.2f}" for t in trials if not t.error)
-            if not force or not measured:
-                raise ExportError(
-                    f"no INT8 scheme keeps greedy generation close enough to PyTorch "
-                    f"(agreement {report or 'none measured'}; need {min_agreement}). "
-                    "Nothing was written; --force writes the most faithful one anyway."
-                )
-            chosen = max(measured, key=lambda t: (t.agreement, t.tokens_per_second))
-        elif chosen.tokens_per_second <= reference.tokens_per_second:
-            console.print(
-                f"[yellow]no scheme beat PyTorch fp32 decode speed here "
-                f"({reference.tokens_per_second:.1f} tokens/s); keeping the fastest faithful "
-                "one[/yellow]"
-            )
+        chosen, passed = pick_scheme(
+            trials, reference.tokens_per_second, min_agreement, force=force, console=console
+        )
 
         with progress(f"packaging ({chosen.scheme})"):
             import onnx

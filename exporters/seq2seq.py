@@ -44,11 +44,11 @@ from exporters.generation import (
     Progress,
     Quantiser,
     Trial,
-    _choose,
     _has_external_data,
     _ids,
     _tokenizer_json,
     _versions,
+    pick_scheme,
     prefix_agreement,
 )
 from exporters.package import install, pad_token_id
@@ -515,24 +515,14 @@ def export_seq2seq(
                     f"decoder {trial.size_bytes / 1e6:.2f} MB"
                 )
 
-        chosen = _choose(trials, reference.tokens_per_second, min_agreement)
-        passed = chosen is not None
-        if chosen is None:
-            measured = [t for t in trials if not t.error]
-            report = ", ".join(f"{t.scheme} {t.agreement:.2f}" for t in measured)
-            if not force or not measured:
-                raise ExportError(
-                    f"no INT8 scheme keeps greedy summaries close enough to PyTorch "
-                    f"(agreement {report or 'none measured'}; need {min_agreement}). "
-                    "Nothing was written; --force writes the most faithful one anyway."
-                )
-            chosen = max(measured, key=lambda t: (t.agreement, t.tokens_per_second))
-        elif chosen.tokens_per_second <= reference.tokens_per_second:
-            console.print(
-                f"[yellow]no scheme beat PyTorch fp32 decode speed here "
-                f"({reference.tokens_per_second:.1f} tokens/s); keeping the fastest faithful "
-                "one[/yellow]"
-            )
+        chosen, passed = pick_scheme(
+            trials,
+            reference.tokens_per_second,
+            min_agreement,
+            force=force,
+            console=console,
+            what="summaries",
+        )
 
         with progress(f"packaging ({chosen.scheme})"):
             assert chosen.path is not None and chosen.quantization is not None
