@@ -35,14 +35,17 @@ MAX_SIZE_RATIO = 0.33
 
 
 class Progress:
-    def __init__(self, console: Console) -> None:
+    """Numbered progress lines, one per pipeline step, with the time each took."""
+
+    def __init__(self, console: Console, total: int = STEPS) -> None:
         self.console = console
+        self.total = total
         self.step = 0
 
     @contextmanager
     def __call__(self, what: str) -> Iterator[None]:
         self.step += 1
-        label = f"[{self.step}/{STEPS}] {what}"
+        label = f"[{self.step}/{self.total}] {what}"
         start = time.perf_counter()
         with self.console.status(label):
             yield
@@ -105,19 +108,25 @@ def report_table(manifest: Manifest, validation: Validation) -> Table:
     return table
 
 
-def _onnx_export(source: Path, optimum_task: str, out: Path) -> None:
+def onnx_export(source: Path, optimum_task: str, out: Path, what: str | None = None) -> None:
+    """optimum's ONNX export, offline; its refusals become an ExportError naming `what`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from optimum.exporters.onnx import main_export
 
     # library_name="transformers": a sentence-transformers folder would otherwise be exported
     # with its pooling baked in; pooling is done (and validated) by the appliance's runner.
-    main_export(
-        str(source),
-        output=out,
-        task=optimum_task,
-        library_name="transformers",
-        do_validation=False,
-    )
+    try:
+        main_export(
+            str(source),
+            output=out,
+            task=optimum_task,
+            library_name="transformers",
+            do_validation=False,
+        )
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise ExportError(
+            f"optimum could not export {source} as {what or optimum_task}: {exc}"
+        ) from exc
 
 
 def _tokenizer_json(source: Path, work: Path) -> Path:
@@ -297,10 +306,7 @@ def export_encoder(
             except (ValueError, OSError, KeyError) as exc:
                 raise ExportError(f"cannot read the checkpoint's tokenizer: {exc}") from exc
         with progress(f"exporting to ONNX ({spec.optimum_task})"):
-            try:
-                _onnx_export(source, spec.optimum_task, work / "fp32")
-            except (ValueError, KeyError, NotImplementedError) as exc:
-                raise ExportError(f"optimum could not export {source} as {task}: {exc}") from exc
+            onnx_export(source, spec.optimum_task, work / "fp32", what=task)
         preset = preset or cpu_preset()
         if precision == "fp16":
             with progress("converting to fp16 (for GPU serving)"):

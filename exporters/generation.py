@@ -15,13 +15,11 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +37,7 @@ from appliance.models.manifest import (
     write_manifest,
 )
 from exporters.checkpoint import ExportError
+from exporters.export import Progress, onnx_export
 from exporters.package import install, library_versions
 from exporters.quantize import cpu_preset, quantize
 
@@ -69,24 +68,6 @@ EXAMPLE = {"text": "Geralt knew the signs, the monster was a", "max_length": 20}
 SINGLE_FILE_LIMIT = 1_900_000_000
 """protobuf cannot hold 2 GB: larger models keep their weights in model.onnx_data."""
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-
-
-class Progress:
-    """Numbered progress lines like exporters.export's, for this pipeline's steps."""
-
-    def __init__(self, console: Console, total: int = STEPS) -> None:
-        self.console = console
-        self.total = total
-        self.step = 0
-
-    @contextmanager
-    def __call__(self, what: str) -> Iterator[None]:
-        self.step += 1
-        label = f"[{self.step}/{self.total}] {what}"
-        start = time.perf_counter()
-        with self.console.status(label):
-            yield
-        self.console.print(f"{label} ... done ({time.perf_counter() - start:.1f}s)")
 
 
 # ---- candidate quantisation schemes ----------------------------------------------------------
@@ -288,22 +269,6 @@ def _tokenizer_json(folder: Path, work: Path) -> Path:
     path = work / "tokenizer.json"
     tok.backend_tokenizer.save(str(path))
     return path
-
-
-def _onnx_export(folder: Path, out: Path) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from optimum.exporters.onnx import main_export
-
-    try:
-        main_export(
-            str(folder),
-            output=out,
-            task=OPTIMUM_TASK,
-            library_name="transformers",
-            do_validation=False,
-        )
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise ExportError(f"optimum could not export {folder} as text-generation: {exc}") from exc
 
 
 def _graph_config(model: Path, ckpt: Checkpoint) -> dict[str, Any]:
@@ -517,7 +482,7 @@ def export_generation(
     min_agreement = float(options.get("min_agreement", MIN_AGREEMENT))
     new_tokens = int(options.get("new_tokens", NEW_TOKENS))
     gguf_file = options.get("gguf_file")
-    progress = Progress(console)
+    progress = Progress(console, STEPS)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".export-{slug}-", dir=out_dir))
     try:
@@ -526,7 +491,7 @@ def export_generation(
             ckpt = _inspect(folder)
             tokenizer_json = _tokenizer_json(folder, work)
         with progress(f"exporting to ONNX ({OPTIMUM_TASK})"):
-            _onnx_export(folder, work / "fp32")
+            onnx_export(folder, OPTIMUM_TASK, work / "fp32", what="text-generation")
             fp32 = work / "fp32" / "model.onnx"
             graph_config = _graph_config(fp32, ckpt)
         with progress("PyTorch fp32 reference (greedy tokens, decode speed)"):

@@ -16,7 +16,6 @@ weights once where decoder + decoder_with_past would hold them twice, and it is 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -39,9 +38,9 @@ from appliance.models.manifest import (
     write_manifest,
 )
 from exporters.checkpoint import ExportError, _max_tokens
+from exporters.export import Progress, onnx_export
 from exporters.generation import (
     SCHEMES,
-    Progress,
     Quantiser,
     Trial,
     _has_external_data,
@@ -221,19 +220,7 @@ def generation_settings(
 
 
 def _onnx_export(folder: Path, out: Path) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from optimum.exporters.onnx import main_export
-
-    try:
-        main_export(
-            str(folder),
-            output=out,
-            task=OPTIMUM_TASK,
-            library_name="transformers",
-            do_validation=False,
-        )
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise ExportError(f"optimum could not export {folder} as summarisation: {exc}") from exc
+    onnx_export(folder, OPTIMUM_TASK, out, what="summarisation")
     for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
         if not (out / name).is_file():
             raise ExportError(

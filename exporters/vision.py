@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 import shutil
 import tempfile
@@ -44,7 +43,7 @@ from appliance.runtime.images import ImagePreprocessor
 from appliance.runtime.session import create_session
 from appliance.tasks import build_runner
 from exporters.checkpoint import ExportError
-from exporters.export import FIDELITY_GOAL, MAX_SIZE_RATIO, Progress, report_table
+from exporters.export import FIDELITY_GOAL, MAX_SIZE_RATIO, Progress, onnx_export, report_table
 from exporters.package import install, library_versions
 from exporters.quantize import cpu_preset, quantize, to_fp16
 from exporters.samples import SAMPLE_TEXTS
@@ -225,19 +224,7 @@ class PipelineOptions:
 
 
 def _onnx_export(source: Path, optimum_task: str, out: Path) -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from optimum.exporters.onnx import main_export
-
-    try:
-        main_export(
-            str(source),
-            output=out,
-            task=optimum_task,
-            library_name="transformers",
-            do_validation=False,
-        )
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise ExportError(f"optimum could not export {source} as {optimum_task}: {exc}") from exc
+    onnx_export(source, optimum_task, out)
     return out / "model.onnx"
 
 
