@@ -394,7 +394,7 @@ def _appliance_run(
     from appliance.runtime.session import create_session
     from appliance.tasks.generate import GenerationRunner
 
-    session = create_session(stage_dir / "model.onnx", RuntimeConfig())
+    session = create_session(stage_dir / "model.onnx", RuntimeConfig(), arena=True)
     runner = GenerationRunner(stage_dir, manifest, session)
     runner.warmup()
     n = new_tokens

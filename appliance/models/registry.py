@@ -23,7 +23,7 @@ from appliance.errors import ModelNotFound, ModelUnavailable
 from appliance.metrics import Metrics
 from appliance.models.manifest import MANIFEST_FILE, Manifest, ManifestError, read_manifest, verify
 from appliance.runtime.batcher import Batcher
-from appliance.runtime.session import create_session
+from appliance.runtime.session import ARENA_TASKS, create_session
 from appliance.tasks import Runner, build_runner
 
 log = logging.getLogger("appliance.registry")
@@ -87,7 +87,11 @@ class Registry:
                 )
                 manifest.slug = slug
             verify(folder, manifest)
-            session = create_session(folder / manifest.files["model"].path, self.settings.runtime)
+            session = create_session(
+                folder / manifest.files["model"].path,
+                self.settings.runtime,
+                arena=manifest.task in ARENA_TASKS,
+            )
             runner = build_runner(folder, manifest, session)
             if self.settings.runtime.warmup:
                 runner.warmup()

@@ -15,7 +15,6 @@ Serving settings (measured with `appliance bench`, see README "Performance"):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -59,13 +58,6 @@ def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
 ARENA_TASKS = frozenset({"text-generation", "summarisation"})
 
 
-def _task_of(model_path: Path) -> str:
-    try:
-        return str(json.loads((model_path.parent / "manifest.json").read_text()).get("task", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
-
-
 def session_options(config: RuntimeConfig, *, arena: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.intra_op_threads or usable_cores()
@@ -78,9 +70,12 @@ def session_options(config: RuntimeConfig, *, arena: bool = False) -> ort.Sessio
     return options
 
 
-def create_session(path: Path, config: RuntimeConfig) -> ort.InferenceSession:
+def create_session(
+    path: Path, config: RuntimeConfig, *, arena: bool = False
+) -> ort.InferenceSession:
+    """A session for `path`; `arena`: keep the CPU memory arena (per-token decoders)."""
     providers = choose_providers(config.providers)
-    options = session_options(config, arena=_task_of(path) in ARENA_TASKS)
+    options = session_options(config, arena=arena)
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     # onnxruntime-gpu lists CUDA even without a GPU and silently runs on CPU: check what it chose.
     actual = session.get_providers()

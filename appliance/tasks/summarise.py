@@ -321,7 +321,9 @@ class SummarisationRunner(Runner[SummarisationInput, SummarisationItem, list[lis
         self._decoder_tokenizer = Tokenizer.from_file(
             str(folder / manifest.files["tokenizer"].path)
         )
-        self.decoder = create_session(folder / manifest.files["decoder"].path, runtime_of(session))
+        self.decoder = create_session(
+            folder / manifest.files["decoder"].path, runtime_of(session), arena=True
+        )
         self.loop = Seq2SeqLoop(session, self.decoder, cfg)
         self.max_new_tokens = max(1, int(cfg.get("max_new_tokens", MAX_NEW_TOKENS)))
         self.eos_ids = tuple(int(t) for t in cfg.get("eos_token_ids", []))
