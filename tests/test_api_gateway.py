@@ -50,8 +50,13 @@ def wait_for(predicate, timeout: float = 5.0):  # type: ignore[no-untyped-def]
 
 # ---- cache ---------------------------------------------------------------------------------
 def test_second_identical_request_is_a_hit_that_runs_no_model_and_costs_nothing(
-    client: TestClient, predict_key: str, model_calls: list[int]
+    serve,
+    models_dir: Path,
+    model_calls: list[int],  # type: ignore[no-untyped-def]
 ) -> None:
+    # A frozen clock: the buckets must not refill between the two requests.
+    client = serve(models_dir, limiter=RateLimiter(FakeClock()))
+    predict_key = client.keys.create("k", ["predict"])[1]
     first = embed(client, predict_key, "iPhone 12 128GB")
     assert first.headers["x-cache"] == "MISS"
     assert int(first.headers["x-tokens-used"]) > 0
