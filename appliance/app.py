@@ -101,7 +101,7 @@ def create_app(
             await builds.stop()
             await registry.stop()
             await asyncio.to_thread(usage.stop)
-            cache.close()
+            await asyncio.to_thread(cache.close)  # waits for queued cache writes
 
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
@@ -141,6 +141,7 @@ def create_app(
             "jobs": provide(job_manager),
             "metrics": provide(metrics),
             "lifecycle": provide(lifecycle),
+            "work": tasks.work_provider(inference, settings, classifiers),
         },
         guards=[auth_guard(keys)],
         # 404 and 405 are raised by the router before any handler: they need their own keys.

@@ -55,14 +55,17 @@ class ServerConfig(_Section):
 class RuntimeConfig(_Section):
     providers: list[str] = msgspec.field(default_factory=lambda: ["CPUExecutionProvider"])
     """onnxruntime execution providers in order of preference; unavailable ones are skipped."""
+    streams: NonNegative = 0
+    """Model calls run at once per model; 0: one per core for encoders, one for decoders."""
     intra_op_threads: NonNegative = 0
-    """Threads inside one operator; 0 means one per core."""
+    """Threads inside one operator, per stream; 0: the cores shared out among the streams."""
     inter_op_threads: Positive = 1
     """Threads across independent operators."""
     max_batch_size: Positive = 32
     """Most items the batcher puts in one model call."""
-    max_batch_tokens: Positive = 16384
-    """Token budget of one model call (items x padded length)."""
+    max_batch_tokens: Positive = 512
+    """Token budget of one model call (items x padded length); one longer item runs alone.
+    Small on CPU: 128-token texts ran 114 vs 89 requests/s with 512 vs 4096 (2 cores)."""
     max_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     """How long the batcher waits for more work once it has some (0: take what is queued)."""
     max_queue: Positive = 4096

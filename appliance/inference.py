@@ -8,6 +8,7 @@ cache lookup per item -> tokenise the misses -> quota and token rate limit (exac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,34 @@ from appliance.gateway.usage import UsageLog
 from appliance.models.registry import ModelEntry, Registry
 from appliance.runtime.batcher import REALTIME
 from appliance.tasks import ItemResult
+
+INLINE_ITEMS = 32
+"""Up to this many items, cache lookups run on the event loop (one indexed SQLite read each,
+microseconds): a hop to a worker thread and back costs more than the lookup."""
+INLINE_CHARS = 4096
+"""Up to this many characters of text in a request, tokenising runs on the event loop (tens
+of microseconds); longer inputs are tokenised in a worker thread so they cannot stall it."""
+
+
+def _size(value: Any) -> int:
+    """Characters of text in a parsed input; anything else (images, arrays) counts as big."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_size(v) for v in value)
+    if dataclasses.is_dataclass(value):
+        return sum(_size(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (int, float, bool)) or value is None:
+        return 1
+    return INLINE_CHARS + 1
+
+
+async def _prepare(runner: Any, inputs: list[Any], truncate: bool) -> list[Any]:
+    if sum(_size(i) for i in inputs) <= INLINE_CHARS:
+        return runner.preprocess(inputs, truncate=truncate)  # type: ignore[no-any-return]
+    return await asyncio.to_thread(runner.preprocess, inputs, truncate=truncate)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -135,7 +164,10 @@ class Inference:
         cacheable = [k for k in keys if k is not None]
         hits = {}
         if cacheable and call.read_cache:
-            hits = await asyncio.to_thread(self.cache.get_many, cacheable)
+            if len(cacheable) <= INLINE_ITEMS:
+                hits = self.cache.get_many(cacheable)
+            else:
+                hits = await asyncio.to_thread(self.cache.get_many, cacheable)
         results = {
             i: ItemResult(hits[k].output, tokens=0, truncated=hits[k].truncated)
             for i, k in enumerate(keys)
@@ -156,7 +188,7 @@ class Inference:
                 if (k := keys[i]) is not None
             }
             if fresh and call.write_cache:
-                await asyncio.to_thread(self.cache.set_many, fresh)
+                self.cache.set_many(fresh)  # queued for the cache's writer thread
 
         if not cacheable or not call.read_cache:
             status = "BYPASS"
@@ -191,8 +223,7 @@ class Inference:
         runner, batcher = entry.runner, entry.batcher
         assert runner is not None and batcher is not None
         rpm, tpm = self._rates(key)
-        # Tokenising a batch of long texts takes milliseconds: keep it off the event loop.
-        prepared = await asyncio.to_thread(runner.preprocess, inputs, truncate=truncate)
+        prepared = await _prepare(runner, inputs, truncate)
         costs = [runner.cost(p) for p in prepared]
         reserved = sum(costs)
         self.usage.reserve(key.id, key.token_quota, reserved)
@@ -246,7 +277,7 @@ class Inference:
                 f"Model '{entry.slug}' cannot stream its output.", details={"field": "stream"}
             )
         item = runner.parse_input(payload)
-        [prepared] = await asyncio.to_thread(runner.preprocess, [item], truncate=truncate)
+        [prepared] = await _prepare(runner, [item], truncate)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         cancelled = threading.Event()

@@ -1,6 +1,8 @@
 """The raw engine ceiling: the INT8 ONNX session called in-process, no HTTP, no queue, with
-ideal batches (pre-tokenised, sorted by length so padding is minimal; batch 1, 8 and 32, and
-the best of them is the ceiling): what any server around this session can reach, at most.
+ideal batches (pre-tokenised, sorted by length so padding is minimal; batch 1, 8 and 32), in
+both ways of using the cores: one call at a time with one onnxruntime thread per core, and
+one call per core at once with one thread each (the appliance's default for encoders). The
+best of all is the ceiling: what any server around this session can reach, at most.
 Also the runner's own model call (`EmbeddingRunner.infer`: pad, run, pool) on merged
 batches, with and without run_session's length buckets and per-call token budget.
 
@@ -12,6 +14,7 @@ import argparse
 import json
 import random
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,33 @@ def _timed(call, seconds: float, min_calls: int = 3) -> tuple[int, float]:  # ty
     return calls, time.perf_counter() - start
 
 
+def _timed_parallel(calls: list, seconds: float) -> tuple[int, float]:  # type: ignore[type-arg]
+    """`calls[i]` run over and over on thread i, all at once, for `seconds`: (calls, seconds)."""
+    for call in calls:
+        call()  # warm
+    counts = [0] * len(calls)
+    start = time.perf_counter()
+    stop = start + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop or counts[i] < 2:
+            calls[i]()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts), time.perf_counter() - start
+
+
 def measure(
     model_dir: Path, shapes: list[dict[str, Any]], words: list[str], seconds: float
 ) -> dict[str, Any]:
     from appliance.config import RuntimeConfig
     from appliance.models.manifest import read_manifest
-    from appliance.runtime.session import create_session
+    from appliance.runtime.session import create_session, usable_cores
     from appliance.tasks import build_runner
     from benchmarks.texts import make_text
 
@@ -45,6 +69,9 @@ def measure(
     session = create_session(model_dir / manifest.files["model"].path, RuntimeConfig())
     load_s = time.perf_counter() - t0
     runner: Any = build_runner(model_dir, manifest, session)
+    cores = usable_cores()
+    # One call per core at once, one thread each: onnxruntime sessions take concurrent runs.
+    single = create_session(model_dir / manifest.files["model"].path, RuntimeConfig(), threads=1)
     tok = runner.tokenizer
     names = {i.name for i in session.get_inputs()}
     rng = random.Random(5)
@@ -62,19 +89,31 @@ def measure(
             ]
             it = iter(range(1 << 62))
 
-            def call(feeds=feeds, it=it) -> None:  # type: ignore[no-untyped-def]
+            def call(feeds=feeds, it=it, session=session) -> None:  # type: ignore[no-untyped-def]
                 session.run(None, feeds[next(it) % len(feeds)])
 
-            calls, took = _timed(call, seconds)
-            out["points"].append(
-                {
-                    "length": shape["length"],
-                    "batch": batch,
-                    "tokens_per_text": round(tokens, 1),
-                    "texts_per_s": round(calls * batch / took, 1),
-                    "ms_per_call": round(took / calls * 1e3, 3),
-                }
-            )
+            def one_of(k: int, feeds=feeds) -> Any:  # type: ignore[no-untyped-def]
+                mine = iter(range(k, 1 << 62, cores))
+                return lambda: single.run(None, feeds[next(mine) % len(feeds)])
+
+            runs = {  # way: (calls, seconds, calls at once)
+                f"1 call x {cores} threads": (*_timed(call, seconds), 1),
+                f"{cores} calls x 1 thread": (
+                    *_timed_parallel([one_of(k) for k in range(cores)], seconds),
+                    cores,
+                ),
+            }
+            for way, (calls, took, at_once) in runs.items():
+                out["points"].append(
+                    {
+                        "length": shape["length"],
+                        "batch": batch,
+                        "way": way,
+                        "tokens_per_text": round(tokens, 1),
+                        "texts_per_s": round(calls * batch / took, 1),
+                        "ms_per_call": round(took / calls * at_once * 1e3, 3),
+                    }
+                )
     # The runner's own model call (pad, run, pool) on merged batches of 32 as the micro-batcher
     # hands them over, unsorted: with run_session's length buckets and call budget, and with
     # them turned off (one call per batch, as before), alternately, in this same process.

@@ -254,12 +254,15 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "## Raw engine ceiling (INT8 session in-process, no HTTP, ideal batches)",
             "",
-            "| texts | batch | tokens/text | texts/s | ms per call |",
-            "|---|---|---|---|---|",
+            "One call at a time with every core on it, and one call per core at once (the "
+            "appliance's default for encoders); the best row per text length is the ceiling.",
+            "",
+            "| texts | batch | way | tokens/text | texts/s | ms per call |",
+            "|---|---|---|---|---|---|",
         ]
         for p in engine["points"]:
             lines.append(
-                f"| {p['length']} | {p['batch']} | {p['tokens_per_text']:g} | "
+                f"| {p['length']} | {p['batch']} | {p.get('way', '')} | {p['tokens_per_text']:g} | "
                 f"{_fmt(p['texts_per_s'])} | {p['ms_per_call']:.2f} |"
             )
         if engine.get("runner"):

@@ -540,8 +540,8 @@ def run_bench(opts: Options) -> dict[str, Any]:
             systems["engine"] = {"status": "ok", **engine}
             for p in engine["points"]:
                 log(
-                    f"  engine    {p['length']:6} batch {p['batch']:<3} {p['texts_per_s']:8.1f} "
-                    f"texts/s  {p['ms_per_call']:8.2f} ms/call"
+                    f"  engine    {p['length']:6} batch {p['batch']:<3} {p['way']:20} "
+                    f"{p['texts_per_s']:8.1f} texts/s  {p['ms_per_call']:8.2f} ms/call"
                 )
         except Exception as exc:  # noqa: BLE001
             systems["engine"] = {"status": "skipped", "reason": str(exc)}

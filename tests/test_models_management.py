@@ -44,6 +44,8 @@ def empty_app(serve, tmp_path: Path):  # type: ignore[no-untyped-def]
         models,
         APPLIANCE_MODELS__WATCH_INTERVAL_SECONDS="0.2",
         APPLIANCE_MODELS__RETIRE_GRACE_SECONDS="0.2",
+        # The load tests here would pass the default 600 requests per minute.
+        APPLIANCE_LIMITS__REQUESTS_PER_MINUTE="1000000",
     )
     admin = {"x-api-key": client.keys.create("admin", ["admin"])[1]}
     return client, admin, models

@@ -110,3 +110,61 @@ def test_a_failing_call_fails_its_waiters_only() -> None:
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_streams_run_model_calls_side_by_side() -> None:
+    """With two streams a second batch runs while the first is still in the model; with one
+    stream it waits. Each batch is cut whole: no item is in two calls, none is lost."""
+
+    async def run(streams: int) -> tuple[int, list[list[int]]]:
+        gate = threading.Event()
+        lock = threading.Lock()
+        inside = [0, 0]  # now, most at once
+
+        def model(items: list[int]) -> list[int]:
+            with lock:
+                inside[0] += 1
+                inside[1] = max(inside[1], inside[0])
+            gate.wait(5)
+            with lock:
+                inside[0] -= 1
+            return [2 * i for i in items]
+
+        b: Batcher[int, int] = Batcher(
+            model,
+            name="t",
+            max_wait_s=0.0,
+            max_batch_size=8,
+            max_batch_tokens=10_000,
+            max_queue=100,
+            streams=streams,
+        )
+        b.start()
+        first = asyncio.create_task(b.submit([0], [1]))
+        await asyncio.sleep(0.05)  # the first call holds one stream
+        rest = [asyncio.create_task(b.submit([i], [1])) for i in range(1, 6)]
+        await asyncio.sleep(0.1)
+        at_once = inside[1]
+        gate.set()
+        results = [await first, *[await t for t in rest]]
+        await b.drain(1)
+        await b.stop()
+        return at_once, results
+
+    one, results_one = asyncio.run(run(1))
+    two, results_two = asyncio.run(run(2))
+    assert one == 1 and two == 2
+    assert results_one == results_two == [[2 * i] for i in range(6)]
+
+
+def test_stream_plan_shares_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.config import RuntimeConfig
+    from appliance.runtime import session
+
+    monkeypatch.setattr(session, "usable_cores", lambda: 4)
+    # Encoders: one call per core, one thread each; per-token decoders: one call, all cores.
+    assert session.plan_streams(RuntimeConfig(), "feature-extraction") == (4, 1)
+    assert session.plan_streams(RuntimeConfig(), "text-generation") == (1, 4)
+    assert session.plan_streams(RuntimeConfig(streams=2), "feature-extraction") == (2, 2)
+    assert session.plan_streams(RuntimeConfig(streams=1), "text-classification") == (1, 4)
+    assert session.plan_streams(RuntimeConfig(intra_op_threads=3), "feature-extraction") == (4, 3)

@@ -88,8 +88,10 @@ def test_export_measures_every_scheme_and_records_the_choice(gen_models: Path, s
     folder = gen_models / slug
     manifest = read_manifest(folder)
     assert manifest.task == "text-generation"
-    assert sorted(manifest.files) == ["model", "tokenizer"]
-    assert (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file()
+    # Weights in model.onnx_data, memory-mapped by onnxruntime (see exporters/generation._place).
+    assert sorted(manifest.files) == ["model", "model_data", "tokenizer"]
+    assert (folder / "model.onnx_data").stat().st_size > 0
+    assert (folder / "tokenizer.json").is_file()
     schemes = {s["scheme"]: s for s in manifest.exporter["schemes"]}
     assert set(schemes) == set(SCHEMES)
     chosen = manifest.exporter["chosen_scheme"]

@@ -12,14 +12,13 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, delete, get, post
+from litestar import Response, delete, get, post
 
-from appliance.api.responses import call_for, inference_response
+from appliance.api.responses import inference_response
 from appliance.api.tasks import LABELS, Endpoint, Work, as_batch
 from appliance.classifiers import Classifier, ClassifierStore
-from appliance.config import Settings
 from appliance.errors import ValidationFailed
-from appliance.inference import Inference, Outcome
+from appliance.inference import Outcome
 from appliance.models.registry import Registry
 from appliance.runtime.documents import extract_text
 
@@ -118,15 +117,6 @@ def _store(work: Work) -> ClassifierStore:
     return work.classifiers
 
 
-def _work(
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    classifiers: ClassifierStore,
-    settings: Settings,
-) -> Work:
-    return Work(call_for(request), inference, settings, classifiers)
-
-
 def _stats(outcome: Outcome, start: float) -> dict[str, Any]:
     return {"tokens": outcome.tokens, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
 
@@ -134,13 +124,9 @@ def _stats(outcome: Outcome, start: float) -> dict[str, Any]:
 @post("/v1/classify", opt={"scope": "predict"}, tags=["classify"], status_code=200)
 async def classify(
     data: ClassifyBody,
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    classifiers: ClassifierStore,
-    settings: Settings,
+    work: Work,
 ) -> Response[dict[str, Any]]:
     """Single-label classification: {label, confidence, scores, tokens, latency_ms, cached}."""
-    work = _work(request, inference, classifiers, settings)
     return inference_response(*await classify_one(data, work))
 
 
@@ -165,13 +151,9 @@ async def _one(data: ClassifyBody, work: Work, *, multi: bool) -> tuple[dict[str
 @post("/v1/tag", opt={"scope": "predict"}, tags=["classify"], status_code=200)
 async def tag(
     data: ClassifyBody,
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    classifiers: ClassifierStore,
-    settings: Settings,
+    work: Work,
 ) -> Response[dict[str, Any]]:
     """Multi-label tagging: {labels, scores, tokens, latency_ms, cached}."""
-    work = _work(request, inference, classifiers, settings)
     return inference_response(*await tag_one(data, work))
 
 
@@ -183,13 +165,9 @@ async def tag_one(data: ClassifyBody, work: Work) -> tuple[dict[str, Any], Outco
 @post("/v1/classify/batch", opt={"scope": "predict"}, tags=["classify"], status_code=200)
 async def classify_batch(
     data: BatchBody,
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    classifiers: ClassifierStore,
-    settings: Settings,
+    work: Work,
 ) -> Response[dict[str, Any]]:
     """Up to 1000 texts: {results: [{label, confidence, scores}], tokens, latency_ms}."""
-    work = _work(request, inference, classifiers, settings)
     return inference_response(*await classify_many(data, work))
 
 
@@ -211,13 +189,9 @@ async def _many(data: BatchBody, work: Work, *, multi: bool) -> tuple[dict[str, 
 @post("/v1/tag/batch", opt={"scope": "predict"}, tags=["classify"], status_code=200)
 async def tag_batch(
     data: BatchBody,
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    classifiers: ClassifierStore,
-    settings: Settings,
+    work: Work,
 ) -> Response[dict[str, Any]]:
     """Up to 1000 texts: {results: [{labels, scores}], tokens, latency_ms}."""
-    work = _work(request, inference, classifiers, settings)
     return inference_response(*await tag_many(data, work))
 
 

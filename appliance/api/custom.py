@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, Response, post
+from litestar import Response, post
 
-from appliance.api.responses import call_for, inference_response
+from appliance.api.responses import inference_response
+from appliance.api.tasks import Work
 from appliance.errors import ValidationFailed
-from appliance.inference import Inference
 
 
 @post(["/v1/custom", "/custom"], opt={"scope": "predict"}, tags=["tasks"], status_code=200)
-async def custom(
-    data: dict[str, Any], request: Request[Any, Any, Any], inference: Inference
-) -> Response[dict[str, Any]]:
+async def custom(data: dict[str, Any], work: Work) -> Response[dict[str, Any]]:
     """{"model": slug, <input name>: value, ...} -> {"output": ...}: each field named like one
     of the model's inputs (GET /v1/models/{slug} shows them) becomes that input."""
     model = data.get("model")
@@ -23,8 +21,8 @@ async def custom(
             "`model` (the custom model's name) is required.", details={"field": "model"}
         )
     fields = {k: v for k, v in data.items() if k != "model"}
-    outcome = await inference.run(
-        model, [fields], call=call_for(request), tasks={"custom"}, endpoint="custom"
+    outcome = await work.inference.run(
+        model, [fields], call=work.call, tasks={"custom"}, endpoint="custom"
     )
     return inference_response(outcome.results[0].output, outcome)
 

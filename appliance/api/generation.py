@@ -18,11 +18,10 @@ from litestar import Request, Response, post
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
-from appliance.api.responses import call_for, inference_response
+from appliance.api.responses import inference_response
 from appliance.api.tasks import Endpoint, Work, as_batch
-from appliance.config import Settings
 from appliance.errors import ApplianceError, ValidationFailed, error_body, request_id_of
-from appliance.inference import Inference, Outcome
+from appliance.inference import Outcome
 
 TASKS = {"text-generation"}
 ENDPOINT = "text-generation"  # the name its per-endpoint model aliases are kept under
@@ -86,24 +85,20 @@ class TextGenerationResponse(msgspec.Struct):
     status_code=200,
 )
 async def text_generation(
-    data: TextGenerationBody,
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    settings: Settings,
+    data: TextGenerationBody, request: Request[Any, Any, Any], work: Work
 ) -> Response[Any]:
     """Continue a text (or a list of texts) with a text-generation model."""
     if not data.stream:
-        work = Work(call_for(request), inference, settings)
         return inference_response(*await generate_texts(data, work))
-    texts, batch = as_batch(data.text, "text", settings.server.max_batch_items)
+    texts, batch = as_batch(data.text, "text", work.settings.server.max_batch_items)
     if batch:
         raise ValidationFailed(
             "`stream` works with one text, not a list.", details={"field": "stream"}
         )
-    entry, limits, events = await inference.stream(
+    entry, limits, events = await work.inference.stream(
         data.model,
         {"text": texts[0], **data.parameters()},
-        call=call_for(request),
+        call=work.call,
         tasks=TASKS,
         truncate=data.truncate,
         endpoint=ENDPOINT,

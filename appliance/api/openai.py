@@ -7,13 +7,12 @@ from typing import Any, Literal
 
 import msgspec
 import numpy as np
-from litestar import Request, Response, post
+from litestar import Response, post
 
-from appliance.api.responses import call_for, inference_response
+from appliance.api.responses import inference_response
 from appliance.api.tasks import VECTORISE, Endpoint, Work, as_batch
-from appliance.config import Settings
 from appliance.errors import ValidationFailed
-from appliance.inference import Inference, Outcome
+from appliance.inference import Outcome
 
 
 class EmbeddingsBody(msgspec.Struct, kw_only=True):
@@ -51,11 +50,9 @@ def _encode(vector: list[float], dimensions: int | None, fmt: str) -> list[float
 
 
 @post("/v1/embeddings", opt={"scope": "predict"}, tags=["openai"], status_code=200)
-async def embeddings(
-    data: EmbeddingsBody, request: Request[Any, Any, Any], inference: Inference, settings: Settings
-) -> Response[dict[str, Any]]:
+async def embeddings(data: EmbeddingsBody, work: Work) -> Response[dict[str, Any]]:
     """{object: "list", data: [{object: "embedding", embedding, index}], model, usage}."""
-    return inference_response(*await embed(data, Work(call_for(request), inference, settings)))
+    return inference_response(*await embed(data, work))
 
 
 async def embed(data: EmbeddingsBody, work: Work) -> tuple[dict[str, Any], Outcome]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Response, post
 
-from appliance.api.responses import call_for, inference_response
+from appliance.api.responses import inference_response
 from appliance.api.tasks import Endpoint, Work, as_batch, one_or_list
-from appliance.config import Settings
-from appliance.inference import Inference, Outcome
+from appliance.inference import Outcome
 
 TASKS = {"summarisation"}
 PARAMETERS = (
@@ -64,12 +63,10 @@ class SummarisationResponse(msgspec.Struct):
 )
 async def summarisation(
     data: SummarisationBody,
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    settings: Settings,
+    work: Work,
 ) -> Response[SummarisationResponse]:
     """Summarise a text, or each text of a list, with a seq2seq model (T5, BART, ...)."""
-    return inference_response(*await summarise(data, Work(call_for(request), inference, settings)))
+    return inference_response(*await summarise(data, work))
 
 
 async def summarise(data: SummarisationBody, work: Work) -> tuple[SummarisationResponse, Outcome]:

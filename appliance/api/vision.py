@@ -7,13 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Response, post
 
-from appliance.api.responses import call_for, inference_response
+from appliance.api.responses import inference_response
 from appliance.api.tasks import Endpoint, Work, as_batch
-from appliance.config import Settings
 from appliance.errors import ValidationFailed
-from appliance.inference import Inference, Outcome
+from appliance.inference import Outcome
 
 # Which model tasks each endpoint can use.
 CLIP = "zero-shot-image-classification"
@@ -55,14 +54,10 @@ class ImageClassificationResult(msgspec.Struct):
 )
 async def image_vectorisation(
     data: ImageVectorisationBody,
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    settings: Settings,
+    work: Work,
 ) -> Response[ImageVectorResponse]:
     """Vectorise an image or a list of images (CLIP: the same space as its text vectors)."""
-    return inference_response(
-        *await vectorise_images(data, Work(call_for(request), inference, settings))
-    )
+    return inference_response(*await vectorise_images(data, work))
 
 
 async def vectorise_images(
@@ -90,15 +85,11 @@ async def vectorise_images(
 )
 async def image_classification(
     data: ImageClassificationBody,
-    request: Request[Any, Any, Any],
-    inference: Inference,
-    settings: Settings,
+    work: Work,
 ) -> Response[ImageClassificationResult | list[ImageClassificationResult]]:
     """Classify an image or a list of images: zero-shot over `labels` with a CLIP model, or
     with an image classifier over its own labels (or the subset `labels` names)."""
-    return inference_response(
-        *await classify_images(data, Work(call_for(request), inference, settings))
-    )
+    return inference_response(*await classify_images(data, work))
 
 
 async def classify_images(

@@ -24,7 +24,11 @@ def presented_secret(connection: ASGIConnection[Any, Any, Any, Any]) -> str | No
 
 
 def auth_guard(keys: KeyStore) -> Guard:
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    # async: litestar runs a sync guard in a worker thread, a thread hop per request for a
+    # check that takes microseconds (a stat of the keys file and a dict lookup).
+    async def guard(
+        connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+    ) -> None:
         scope = handler.opt.get("scope")
         if scope is None:
             return

@@ -3,8 +3,13 @@
 Keyed per item by model slug, the model files' fingerprint (a re-exported model never serves
 stale answers), task, the normalised input and the parameters that change the output.
 Every failure (a corrupt file, a full disk) degrades to a MISS with a logged warning: the
-cache may make a request faster, never make it fail. Calls block (SQLite), so callers run
-them in a thread.
+cache may make a request faster, never make it fail.
+
+Writes are behind: `set_many` only queues the encoded entries (readable at once by
+`get_many`), and one writer thread commits whatever queued meanwhile in one SQLite
+transaction. Under load that is one commit for many requests instead of one per request, and
+no request waits for the disk. Reads are one indexed SQLite lookup per key (microseconds,
+WAL: never blocked by the writer). `flush` (and `close`) wait for queued writes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +65,10 @@ def cache_key(slug: str, fingerprint: str, task: str, item: Any, params: dict[st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+MAX_QUEUED = 10_000
+"""Entries waiting for the writer, at most; past it new answers go uncached (a stuck disk)."""
+
+
 class ResponseCache:
     def __init__(
         self, directory: Path, *, size_limit_bytes: int, ttl_seconds: float, enabled: bool = True
@@ -67,6 +77,17 @@ class ResponseCache:
         self.size_limit = size_limit_bytes
         self.ttl = ttl_seconds
         self._cache: diskcache.Cache | None = self._open() if enabled else None
+        self._queued: dict[str, bytes] = {}  # encoded entries not yet committed
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._writes = 0  # batches handed to the writer
+        self._written = 0  # batches committed (or given up on)
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        if self._cache is not None:
+            self._writer = threading.Thread(target=self._write_loop, name="cache-writer")
+            self._writer.daemon = True
+            self._writer.start()
 
     @property
     def enabled(self) -> bool:
@@ -102,13 +123,17 @@ class ResponseCache:
         hits: dict[str, Hit] = {}
         try:
             for key in dict.fromkeys(keys):
-                value = self._cache.get(key)
+                value = self._queued.get(key)
+                if value is None:
+                    value = self._cache.get(key)
                 if not isinstance(value, bytes):
                     continue
                 try:
                     entry = msgspec.msgpack.decode(value, type=_Entry)
                 except msgspec.DecodeError:
                     continue  # an unreadable entry is a miss
+                if time.time() - entry.created > self.ttl:
+                    continue  # counted from the answer, not from the (later) write
                 hits[key] = Hit(entry.output, entry.truncated, entry.created)
         except Exception as exc:
             log.warning("cache read failed (%s): treated as a miss", exc)
@@ -116,18 +141,56 @@ class ResponseCache:
         return hits
 
     def set_many(self, items: dict[str, tuple[dict[str, Any], bool]]) -> None:
-        if self._cache is None:
+        """Queue the answers for the writer; readable by `get_many` from now on."""
+        if self._cache is None or self._closing:
             return
         now = time.time()
-        try:
-            # One SQLite transaction for the whole batch rather than a commit per item.
-            with self._cache.transact():
-                for key, (output, truncated) in items.items():
-                    blob = msgspec.msgpack.encode(_Entry(output, truncated, now))
-                    self._cache.set(key, blob, expire=self.ttl)
-        except Exception as exc:
-            log.warning("cache write failed (%s): answer served uncached", exc)
+        blobs = {
+            key: msgspec.msgpack.encode(_Entry(output, truncated, now))
+            for key, (output, truncated) in items.items()
+        }
+        with self._lock:
+            if len(self._queued) + len(blobs) > MAX_QUEUED:
+                return  # the writer is far behind (a stuck disk): serve these uncached
+            self._queued.update(blobs)
+            self._writes += 1
+            self._wake.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued so far is committed (or given up on)."""
+        with self._lock:
+            target = self._writes
+            self._wake.wait_for(lambda: self._written >= target, timeout)
+
+    def _write_loop(self) -> None:
+        assert self._cache is not None
+        while True:
+            with self._lock:
+                self._wake.wait_for(lambda: self._written < self._writes or self._closing)
+                if self._written >= self._writes:  # closing, nothing left
+                    return
+                batch, target = dict(self._queued), self._writes
+            try:
+                # One SQLite transaction for everything queued meanwhile.
+                with self._cache.transact():
+                    for key, blob in batch.items():
+                        self._cache.set(key, blob, expire=self.ttl)
+            except Exception as exc:
+                log.warning("cache write failed (%s): %d answers left uncached", exc, len(batch))
+            with self._lock:
+                for key, blob in batch.items():
+                    if self._queued.get(key) is blob:
+                        del self._queued[key]
+                self._written = target
+                self._wake.notify_all()
 
     def close(self) -> None:
+        if self._writer is not None:
+            self.flush()
+            with self._lock:
+                self._closing = True
+                self._wake.notify_all()
+            self._writer.join(timeout=10)
+            self._writer = None
         if self._cache is not None:
             self._cache.close()

@@ -23,7 +23,7 @@ from appliance.errors import ModelNotFound, ModelUnavailable
 from appliance.metrics import Metrics
 from appliance.models.manifest import MANIFEST_FILE, Manifest, ManifestError, read_manifest, verify
 from appliance.runtime.batcher import Batcher
-from appliance.runtime.session import ARENA_TASKS, create_session
+from appliance.runtime.session import ARENA_TASKS, create_session, plan_streams
 from appliance.tasks import Runner, build_runner
 
 log = logging.getLogger("appliance.registry")
@@ -39,6 +39,7 @@ class ModelEntry:
     runner: Runner | None = None
     batcher: Batcher[Any, Any] | None = field(default=None, repr=False)
     load_seconds: float = 0.0
+    streams: int = 1  # model calls run at once
 
     @property
     def is_active(self) -> bool:
@@ -87,10 +88,12 @@ class Registry:
                 )
                 manifest.slug = slug
             verify(folder, manifest)
+            streams, threads = plan_streams(self.settings.runtime, manifest.task)
             session = create_session(
                 folder / manifest.files["model"].path,
                 self.settings.runtime,
                 arena=manifest.task in ARENA_TASKS,
+                threads=threads,
             )
             runner = build_runner(folder, manifest, session)
             if self.settings.runtime.warmup:
@@ -103,7 +106,9 @@ class Registry:
             return ModelEntry(slug, folder, "fail", message=f"{type(exc).__name__}: {exc}")
         took = time.perf_counter() - start
         log.info("model %s (%s) ready in %.2fs", slug, manifest.task, took)
-        return ModelEntry(slug, folder, "ready", "", manifest, runner, load_seconds=took)
+        return ModelEntry(
+            slug, folder, "ready", "", manifest, runner, load_seconds=took, streams=streams
+        )
 
     def _folders(self) -> list[Path]:
         if not self.models_dir.is_dir():
@@ -133,6 +138,7 @@ class Registry:
             max_wait_s=rt.max_wait_ms / 1000,
             max_queue=rt.max_queue,
             observe=self.metrics.batch_observer(entry.slug) if self.metrics else None,
+            streams=entry.streams,
         )
         entry.batcher.start()
 

@@ -2,8 +2,13 @@
 
 Work is cut into batches by item count and a token budget (items x longest item). The queue
 is bounded: when it is full the request is refused at once (Overloaded, 503 + Retry-After)
-rather than held in unbounded memory. Model calls run on one worker thread per model, so the
-event loop only queues and awaits.
+rather than held in unbounded memory. Model calls run on the model's own worker threads, so
+the event loop only queues and awaits.
+
+A model may run several calls at once (`streams`, each on its own thread with its own
+onnxruntime threads; see appliance.runtime.session.plan_streams): while one call runs, the
+next batch is cut from what queued meanwhile and runs beside it. Batches are cut one at a
+time, so a batch is never split between two calls.
 
 Work has a priority: real-time requests (REALTIME) go before batch jobs (BACKGROUND), and a
 batch never mixes priorities, so a real-time request waits at most for the model call that is
@@ -55,6 +60,7 @@ class Batcher(Generic[T, R]):
         max_wait_s: float,
         max_queue: int,
         observe: Callable[[int, list[float], float], None] | None = None,
+        streams: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._observe = observe  # (items, seconds each waited, seconds the call took)
@@ -63,13 +69,17 @@ class Batcher(Generic[T, R]):
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.streams = max(1, streams)
         # (priority, arrival number, item): lowest priority value first, FIFO within one.
         self._queue: asyncio.PriorityQueue[tuple[int, int, _Pending[T]]] = asyncio.PriorityQueue()
         self._arrivals = itertools.count()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
-        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.streams, thread_name_prefix=f"model-{name}"
+        )
+        self._workers: list[asyncio.Task[None]] = []
+        self._cutting = asyncio.Lock()  # one stream cuts a batch at a time
         self._carry: tuple[int, int, _Pending[T]] | None = None  # overflowed the last batch
-        self._busy = False  # a model call is running
+        self._running = 0  # model calls running now
         self._closed = False
 
     @property
@@ -77,24 +87,26 @@ class Batcher(Generic[T, R]):
         return self._queue.qsize()
 
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._loop())
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [loop.create_task(self._loop()) for _ in range(self.streams)]
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Refuse new work, and wait (up to `timeout`) for queued and running work to finish."""
         self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (self._queue.qsize() or self._carry or self._busy) and loop.time() < deadline:
+        while (self._queue.qsize() or self._carry or self._running) and loop.time() < deadline:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await worker
+        self._workers = []
         leftovers = [self._carry] if self._carry is not None else []
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
@@ -110,7 +122,7 @@ class Batcher(Generic[T, R]):
         a lower `priority` value is run first (REALTIME before BACKGROUND)."""
         if self._closed:
             raise ModelUnavailable(f"Model {self.name} was removed.", retry_after=1)
-        if self._worker is None:
+        if not self._workers:
             raise RuntimeError("batcher not started")
         if self._queue.qsize() + len(items) > self.max_queue:
             raise Overloaded(
@@ -125,6 +137,8 @@ class Batcher(Generic[T, R]):
         for p in pending:
             self._queue.put_nowait((priority, next(self._arrivals), p))
         try:
+            if len(pending) == 1:  # most requests: skip gather's own future and callbacks
+                return [await pending[0].future]
             return list(await asyncio.gather(*(p.future for p in pending)))
         except BaseException:
             for p in pending:
@@ -141,7 +155,13 @@ class Batcher(Generic[T, R]):
         batch = [first]
         longest = first.cost
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
+        size = self.max_batch_size
+        idle = self.streams - self._running  # this one included
+        if idle > 1:
+            # Share what is queued among the idle streams: two half batches on two cores
+            # finish sooner than one whole batch on one core while the other waits.
+            size = min(size, -(-(self._queue.qsize() + 1) // idle))
+        while len(batch) < size:
             if self._queue.empty():
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
@@ -168,23 +188,24 @@ class Batcher(Generic[T, R]):
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [p for p in await self._next_batch() if not p.future.done()]
+            async with self._cutting:
+                batch = [p for p in await self._next_batch() if not p.future.done()]
             if not batch:
                 continue
             started = time.perf_counter()
-            self._busy = True
+            self._running += 1
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, [p.item for p in batch]
                 )
             except Exception as exc:  # the whole call failed: every waiter hears of it
-                self._busy = False
                 log.exception("model %s: batch of %d failed", self.name, len(batch))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
-            self._busy = False
+            finally:
+                self._running -= 1
             if self._observe is not None:
                 took = time.perf_counter() - started
                 self._observe(len(batch), [started - p.enqueued for p in batch], took)

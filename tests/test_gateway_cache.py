@@ -1,0 +1,80 @@
+"""The response cache's write-behind: answers are readable at once, committed by one writer
+thread in batches, flushed on close, and a failing disk only loses cache entries."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import diskcache
+import pytest
+
+from appliance.gateway.cache import ResponseCache
+
+
+def make(path: Path) -> ResponseCache:
+    return ResponseCache(path, size_limit_bytes=10**8, ttl_seconds=3600)
+
+
+def test_a_queued_answer_is_readable_before_its_write_and_lands_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_set = diskcache.Cache.set
+
+    def slow_set(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        release.wait(5)
+        return real_set(self, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Cache, "set", slow_set)
+    cache = make(tmp_path / "c")
+    cache.set_many({"a": ({"vector": [1.0, 2.0]}, False), "b": ({"vector": [3.0]}, True)})
+    hits = cache.get_many(["a", "b", "c"])  # the writer is still held
+    assert {k: (h.output, h.truncated) for k, h in hits.items()} == {
+        "a": ({"vector": [1.0, 2.0]}, False),
+        "b": ({"vector": [3.0]}, True),
+    }
+    release.set()
+    cache.close()  # waits for the writer
+    again = make(tmp_path / "c")
+    assert set(again.get_many(["a", "b"])) == {"a", "b"}
+    again.close()
+
+
+def test_many_answers_share_one_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    transactions = []
+    real_transact = diskcache.Cache.transact
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        release.wait(5)
+        transactions.append(1)
+        return real_transact(self, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Cache, "transact", counted)
+    cache = make(tmp_path / "c")
+    cache.set_many({"first": ({"x": 0}, False)})
+    for i in range(50):  # queued while the writer waits on its first batch
+        cache.set_many({f"k{i}": ({"x": i}, False)})
+    release.set()
+    cache.flush()
+    assert len(transactions) <= 2
+    assert len(cache.get_many([f"k{i}" for i in range(50)])) == 50
+    cache.close()
+
+
+def test_a_failing_disk_loses_only_cache_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(diskcache.Cache, "set", full_disk)
+    cache = make(tmp_path / "c")
+    with caplog.at_level(logging.WARNING, logger="appliance.cache"):
+        cache.set_many({"a": ({"x": 1}, False)})
+        cache.flush()
+    assert "cache write failed" in caplog.text
+    assert cache.get_many(["a"]) == {}  # dropped from the queue, not kept in memory forever
+    cache.close()
