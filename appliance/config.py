@@ -102,6 +102,9 @@ class CacheConfig(_Section):
 
 
 class ModelsConfig(_Section):
+    lazy: bool = False
+    """Open each model at its first request instead of at start: less memory for models
+    nobody calls (files are still verified at start); that first request waits for the load."""
     watch_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     """How often models_dir is rescanned for added, replaced or removed folders (0: never)."""
     retire_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0

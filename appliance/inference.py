@@ -148,6 +148,7 @@ class Inference:
         limits = self.limiter.admit_request(key.id, rpm, tpm)
         entry = self.model_for(ref, key, tasks, endpoint)
         call.model = entry.slug
+        await self.registry.ensure_loaded(entry)  # models.lazy: opened at the first request
         assert entry.runner is not None and entry.manifest is not None
         inputs = [entry.runner.parse_input(p) for p in payloads]
 
@@ -269,6 +270,7 @@ class Inference:
         limits = self.limiter.admit_request(key.id, rpm, tpm)
         entry = self.model_for(ref, key, tasks, endpoint)
         call.model, call.cache_status = entry.slug, "BYPASS"
+        await self.registry.ensure_loaded(entry)
         runner, batcher = entry.runner, entry.batcher
         assert runner is not None and batcher is not None
         watch = getattr(runner, "watch", None)

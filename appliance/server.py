@@ -68,5 +68,8 @@ def run(settings: Settings) -> None:
         access_log=False,  # the app writes its own access line, with the request id
         timeout_graceful_shutdown=settings.server.shutdown_grace_seconds,
         server_header=False,
+        # No proxy in front by default, and the app logs no client address: skip uvicorn's
+        # X-Forwarded-* rewriting middleware on every request.
+        proxy_headers=False,
     )
     _Server(config, lifecycle).run()

@@ -94,3 +94,49 @@ def test_alias_resolves_to_its_model(serve, models_dir: Path) -> None:  # type: 
     )
     assert r.status_code == 200
     assert r.headers["x-model"] == "tiny-embed"
+
+
+def test_lazy_models_open_at_their_first_request(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    eager: TestClient = serve(models_dir)
+    lazy: TestClient = serve(models_dir, APPLIANCE_MODELS__LAZY="true")
+    ready = lazy.get("/readyz")
+    assert ready.status_code == 200
+    status = {m["slug"]: m for m in ready.json()["models"]}
+    assert status["tiny-embed"] == {"slug": "tiny-embed", "status": "ready", "loaded": False}
+    assert (
+        "loaded" not in {m["slug"]: m for m in eager.get("/readyz").json()["models"]}["tiny-embed"]
+    )
+
+    def vector(client: TestClient) -> list[float]:
+        key = client.keys.create("k", ["predict"])[1]  # type: ignore[attr-defined]
+        r = client.post(
+            "/v1/text-vectorisation",
+            json={"text": "open me", "model": "tiny-embed"},
+            headers={"x-api-key": key, "Cache-Control": "no-store"},
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["vector"]  # type: ignore[no-any-return]
+
+    assert vector(lazy) == pytest.approx(vector(eager), abs=1e-6)
+    status = {m["slug"]: m for m in lazy.get("/readyz").json()["models"]}
+    assert "loaded" not in status["tiny-embed"]  # opened now, and stays open
+
+
+def test_a_lazy_model_that_cannot_open_is_a_503_then_failed(
+    serve, models_dir: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    models = tmp_path / "lazy-models"
+    shutil.copytree(models_dir / "tiny-embed", models / "tiny-embed")
+    client: TestClient = serve(models, APPLIANCE_MODELS__LAZY="true")
+    key = client.keys.create("k", ["predict"])[1]  # type: ignore[attr-defined]
+    # The files verified at start; the runtime then refuses them (an unknown provider order
+    # cannot break a CPU session, so break the runner's tokenizer instead).
+    (models / "tiny-embed" / "tokenizer.json").write_text("{not json")
+    r = client.post(
+        "/v1/text-vectorisation",
+        json={"text": "x", "model": "tiny-embed"},
+        headers={"x-api-key": key},
+    )
+    assert r.status_code == 503 and r.json()["code"] == "MODEL_UNAVAILABLE"
+    status = {m["slug"]: m for m in client.get("/readyz").json()["models"]}
+    assert status["tiny-embed"]["status"] == "fail"

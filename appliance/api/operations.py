@@ -24,7 +24,13 @@ async def readyz(registry: Registry, lifecycle: Lifecycle) -> Response[dict[str,
     the reason (the others serve: status "degraded"); 503 before start-up ends, when no model
     can serve, or once shutdown has begun (so load balancers stop sending first)."""
     models = [
-        {"slug": e.slug, "status": e.status, **({"message": e.message} if e.message else {})}
+        {
+            "slug": e.slug,
+            "status": e.status,
+            **({"message": e.message} if e.message else {}),
+            # models.lazy: verified and ready to serve, opened at its first request.
+            **({"loaded": False} if e.is_active and e.runner is None else {}),
+        }
         for e in registry.entries()
     ]
     serving = [m for m in models if m["status"] == "ready"]

@@ -71,14 +71,18 @@ class Registry:
         self._seen: dict[Path, tuple[int, int, int] | None] = {}
         self._missing: dict[Path, int] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._opening: dict[str, asyncio.Lock] = {}  # lazily loaded models being opened
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.started = False
 
     # ---- loading -------------------------------------------------------------------------
-    def _load(self, folder: Path) -> ModelEntry:
+    def _load(self, folder: Path, *, lazy: bool | None = None) -> ModelEntry:
+        """Read and verify the model in `folder`, then open it (unless `lazy`, default from
+        config: then it opens at its first request, see `ensure_loaded`)."""
         start = time.perf_counter()
         slug = folder.name
+        lazy = self.settings.models.lazy if lazy is None else lazy
         try:
             manifest = read_manifest(folder)
             if manifest.slug != slug:
@@ -88,16 +92,11 @@ class Registry:
                 )
                 manifest.slug = slug
             verify(folder, manifest)
-            streams, threads = plan_streams(self.settings.runtime, manifest.task)
-            session = create_session(
-                folder / manifest.files["model"].path,
-                self.settings.runtime,
-                arena=manifest.task in ARENA_TASKS,
-                threads=threads,
+            streams, runner = (
+                (plan_streams(self.settings.runtime, manifest.task)[0], None)
+                if lazy
+                else self._open(folder, manifest)
             )
-            runner = build_runner(folder, manifest, session)
-            if self.settings.runtime.warmup:
-                runner.warmup()
         except (ManifestError, ValueError, KeyError, OSError) as exc:
             log.error("model %s not loaded: %s", slug, exc)
             return ModelEntry(slug, folder, "fail", message=str(exc))
@@ -105,10 +104,60 @@ class Registry:
             log.exception("model %s not loaded", slug)
             return ModelEntry(slug, folder, "fail", message=f"{type(exc).__name__}: {exc}")
         took = time.perf_counter() - start
-        log.info("model %s (%s) ready in %.2fs", slug, manifest.task, took)
+        log.info(
+            "model %s (%s) %s in %.2fs",
+            slug,
+            manifest.task,
+            "verified, opens at its first request," if lazy else "ready",
+            took,
+        )
         return ModelEntry(
             slug, folder, "ready", "", manifest, runner, load_seconds=took, streams=streams
         )
+
+    def _open(self, folder: Path, manifest: Manifest) -> tuple[int, Runner]:
+        """(streams, runner): the model's session and runner, warmed up."""
+        streams, threads = plan_streams(self.settings.runtime, manifest.task)
+        session = create_session(
+            folder / manifest.files["model"].path,
+            self.settings.runtime,
+            arena=manifest.task in ARENA_TASKS,
+            threads=threads,
+        )
+        runner = build_runner(folder, manifest, session)
+        if self.settings.runtime.warmup:
+            runner.warmup()
+        return streams, runner
+
+    async def ensure_loaded(self, entry: ModelEntry) -> None:
+        """Open a lazily loaded model (models.lazy) once; concurrent first requests wait for
+        the same load. A model that fails to open is marked failed, as at start."""
+        if entry.runner is not None:
+            return
+        lock = self._opening.setdefault(entry.slug, asyncio.Lock())
+        async with lock:
+            if entry.runner is not None:
+                return
+            assert entry.manifest is not None
+            start = time.perf_counter()
+            try:
+                entry.streams, runner = await asyncio.to_thread(
+                    self._open, entry.folder, entry.manifest
+                )
+            except Exception as exc:
+                log.exception("model %s could not be opened", entry.slug)
+                entry.status, entry.message = "fail", f"{type(exc).__name__}: {exc}"
+                raise ModelUnavailable(
+                    f"Model '{entry.slug}' failed to load: {entry.message}",
+                    details={"model": entry.slug, "build_status": "fail"},
+                    retry_after=60,
+                ) from None
+            entry.runner = runner
+            entry.load_seconds += time.perf_counter() - start
+            self._activate(entry)
+            log.info(
+                "model %s opened at its first request in %.2fs", entry.slug, entry.load_seconds
+            )
 
     def _folders(self) -> list[Path]:
         if not self.models_dir.is_dir():
