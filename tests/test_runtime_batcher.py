@@ -168,3 +168,30 @@ def test_stream_plan_shares_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     assert session.plan_streams(RuntimeConfig(streams=2), "feature-extraction") == (2, 2)
     assert session.plan_streams(RuntimeConfig(streams=1), "text-classification") == (1, 4)
     assert session.plan_streams(RuntimeConfig(intra_op_threads=3), "feature-extraction") == (4, 3)
+
+
+def test_idle_model_threads_hand_freed_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a model goes idle its freed buffers go back to the OS (glibc malloc_trim), at most
+    once per interval, and never while work is queued."""
+    from appliance.runtime import memory
+
+    trims: list[float] = []
+    monkeypatch.setattr(memory, "_LIBC", object())  # as on glibc
+    monkeypatch.setattr(memory, "_last_trim", 0.0)
+    monkeypatch.setattr(
+        memory, "release_free_memory", lambda: trims.append(memory.time.monotonic())
+    )
+
+    async def main() -> None:
+        b = make(Recorder())
+        b.start()
+        await b.submit([1], [1])
+        await asyncio.sleep(0.05)
+        assert len(trims) == 1
+        memory._last_trim = memory.time.monotonic()  # type: ignore[attr-defined]
+        await b.submit([2], [1])  # within the interval: no second trim
+        await asyncio.sleep(0.05)
+        assert len(trims) == 1
+        await b.stop()
+
+    asyncio.run(main())

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from appliance.errors import ModelUnavailable, Overloaded
+from appliance.runtime import memory
 
 log = logging.getLogger("appliance.batcher")
 
@@ -212,3 +213,7 @@ class Batcher(Generic[T, R]):
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
+            if not self._running and self._queue.empty() and memory.trim_due():
+                # Idle: give the big batch buffers back (a thread of the loop's own pool, so
+                # the next model call never queues behind it).
+                loop.run_in_executor(None, memory.release_free_memory)
