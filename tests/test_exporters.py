@@ -44,6 +44,22 @@ def test_the_model_file_is_really_int8(models_dir: Path) -> None:
     assert int8_weights
 
 
+def test_the_served_graph_is_already_optimised(models_dir: Path, tmp_path: Path) -> None:
+    """onnxruntime's fusions were applied at export (servers skip them at start): the file
+    holds its fused contrib ops, and optimising it again finds nothing left to fuse."""
+    import onnxruntime as ort
+
+    path = models_dir / "tiny-embed" / "model.onnx"
+    graph = onnx.load(str(path)).graph
+    assert any(n.domain == "com.microsoft" for n in graph.node)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    again = tmp_path / "again.onnx"
+    options.optimized_model_filepath = str(again)
+    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    assert len(onnx.load(str(again)).graph.node) == len(graph.node)
+
+
 def test_export_below_the_threshold_writes_nothing(
     tmp_path: Path, checkpoints: dict[str, Path]
 ) -> None:
