@@ -184,6 +184,8 @@ def _place(model: Path, stage_dir: Path) -> list[str]:
         all_tensors_to_one_file=True,
         location="model.onnx_data",
     )
+    # onnx creates the data file 0600; the folder's other files are 0644 (bundles, uploads).
+    (stage_dir / "model.onnx_data").chmod(0o644)
     return [n for n in ("model.onnx", "model.onnx_data") if (stage_dir / n).is_file()]
 
 

@@ -91,6 +91,7 @@ def test_export_measures_every_scheme_and_records_the_choice(gen_models: Path, s
     # Weights in model.onnx_data, memory-mapped by onnxruntime (see exporters/generation._place).
     assert sorted(manifest.files) == ["model", "model_data", "tokenizer"]
     assert (folder / "model.onnx_data").stat().st_size > 0
+    assert (folder / "model.onnx_data").stat().st_mode & 0o044 == 0o044  # readable like the rest
     assert (folder / "tokenizer.json").is_file()
     schemes = {s["scheme"]: s for s in manifest.exporter["schemes"]}
     assert set(schemes) == set(SCHEMES)
