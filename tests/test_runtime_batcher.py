@@ -188,7 +188,6 @@ def test_idle_model_threads_hand_freed_memory_back(monkeypatch: pytest.MonkeyPat
         await b.submit([1], [1])
         await asyncio.sleep(0.05)
         assert len(trims) == 1
-        memory._last_trim = memory.time.monotonic()  # type: ignore[attr-defined]
         await b.submit([2], [1])  # within the interval: no second trim
         await asyncio.sleep(0.05)
         assert len(trims) == 1

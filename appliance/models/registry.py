@@ -77,12 +77,12 @@ class Registry:
         self.started = False
 
     # ---- loading -------------------------------------------------------------------------
-    def _load(self, folder: Path, *, lazy: bool | None = None) -> ModelEntry:
-        """Read and verify the model in `folder`, then open it (unless `lazy`, default from
-        config: then it opens at its first request, see `ensure_loaded`)."""
+    def _load(self, folder: Path) -> ModelEntry:
+        """Read and verify the model in `folder`, then open it (with models.lazy: at its first
+        request, see `ensure_loaded`)."""
         start = time.perf_counter()
         slug = folder.name
-        lazy = self.settings.models.lazy if lazy is None else lazy
+        lazy = self.settings.models.lazy
         try:
             manifest = read_manifest(folder)
             if manifest.slug != slug:
@@ -92,11 +92,7 @@ class Registry:
                 )
                 manifest.slug = slug
             verify(folder, manifest)
-            streams, runner = (
-                (plan_streams(self.settings.runtime, manifest.task)[0], None)
-                if lazy
-                else self._open(folder, manifest)
-            )
+            runner = None if lazy else self._open(folder, manifest)
         except (ManifestError, ValueError, KeyError, OSError) as exc:
             log.error("model %s not loaded: %s", slug, exc)
             return ModelEntry(slug, folder, "fail", message=str(exc))
@@ -111,13 +107,14 @@ class Registry:
             "verified, opens at its first request," if lazy else "ready",
             took,
         )
+        streams = plan_streams(self.settings.runtime, manifest.task)[0]
         return ModelEntry(
             slug, folder, "ready", "", manifest, runner, load_seconds=took, streams=streams
         )
 
-    def _open(self, folder: Path, manifest: Manifest) -> tuple[int, Runner]:
-        """(streams, runner): the model's session and runner, warmed up."""
-        streams, threads = plan_streams(self.settings.runtime, manifest.task)
+    def _open(self, folder: Path, manifest: Manifest) -> Runner:
+        """The model's session and runner, warmed up."""
+        threads = plan_streams(self.settings.runtime, manifest.task)[1]
         session = create_session(
             folder / manifest.files["model"].path,
             self.settings.runtime,
@@ -127,7 +124,7 @@ class Registry:
         runner = build_runner(folder, manifest, session)
         if self.settings.runtime.warmup:
             runner.warmup()
-        return streams, runner
+        return runner
 
     async def ensure_loaded(self, entry: ModelEntry) -> None:
         """Open a lazily loaded model (models.lazy) once; concurrent first requests wait for
@@ -141,9 +138,7 @@ class Registry:
             assert entry.manifest is not None
             start = time.perf_counter()
             try:
-                entry.streams, runner = await asyncio.to_thread(
-                    self._open, entry.folder, entry.manifest
-                )
+                runner = await asyncio.to_thread(self._open, entry.folder, entry.manifest)
             except Exception as exc:
                 log.exception("model %s could not be opened", entry.slug)
                 entry.status, entry.message = "fail", f"{type(exc).__name__}: {exc}"

@@ -47,15 +47,19 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 
 
 def trim_due() -> bool:
-    """Whether a trim may run now (cheap: call it on the event loop)."""
-    return _LIBC is not None and time.monotonic() - _last_trim >= TRIM_INTERVAL_SECONDS
+    """Whether a trim may run now; if so the interval starts now (call it on the event loop,
+    then run `release_free_memory` in a worker thread: two idle models finishing together
+    schedule one trim, not two)."""
+    global _last_trim
+    now = time.monotonic()
+    if _LIBC is None or now - _last_trim < TRIM_INTERVAL_SECONDS:
+        return False
+    _last_trim = now
+    return True
 
 
 def release_free_memory() -> None:
     """Hand the pages free in malloc's heaps back to the OS (blocks for up to milliseconds:
     run it in a worker thread, when the models are idle)."""
-    global _last_trim
-    if _LIBC is None:
-        return
-    _last_trim = time.monotonic()
-    _LIBC.malloc_trim(0)
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
