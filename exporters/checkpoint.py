@@ -28,8 +28,22 @@ class CheckpointInfo:
     dimension: int | None
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a checkpoint, or {} when it is not there."""
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The config.json of a local checkpoint folder; an ExportError says what is missing."""
+    if not folder.is_dir():
+        raise ExportError(
+            f"{folder} is not a folder. Give a local Hugging Face checkpoint folder "
+            "(this appliance is offline: hub ids are not fetched)."
+        )
+    config = read_json(folder / "config.json")
+    if not config:
+        raise ExportError(f"{folder} has no config.json: not a Hugging Face checkpoint folder.")
+    return config
 
 
 def slugify(text: str) -> str:
@@ -38,10 +52,10 @@ def slugify(text: str) -> str:
 
 
 def _max_tokens(folder: Path, config: dict[str, Any]) -> int:
-    st = _json(folder / "sentence_bert_config.json").get("max_seq_length")
+    st = read_json(folder / "sentence_bert_config.json").get("max_seq_length")
     if isinstance(st, int) and st > 0:
         return st
-    tc = _json(folder / "tokenizer_config.json").get("model_max_length")
+    tc = read_json(folder / "tokenizer_config.json").get("model_max_length")
     positions = config.get("max_position_embeddings")
     candidates = [
         v for v in (tc, positions) if isinstance(v, int | float) and 0 < v < MAX_SENSIBLE_LENGTH
@@ -56,14 +70,14 @@ def _max_tokens(folder: Path, config: dict[str, Any]) -> int:
 
 def _pooling(folder: Path) -> tuple[str, bool]:
     """Pooling and normalisation from a sentence-transformers folder; mean + L2 otherwise."""
-    modules = _json(folder / "modules.json") if (folder / "modules.json").is_file() else None
+    modules = read_json(folder / "modules.json") if (folder / "modules.json").is_file() else None
     if not isinstance(modules, list):
         return "mean", True
     normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     pooling = "mean"
     for m in modules:
         if str(m.get("type", "")).endswith("Pooling"):
-            cfg = _json(folder / m.get("path", "") / "config.json")
+            cfg = read_json(folder / m.get("path", "") / "config.json")
             if cfg.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif cfg.get("pooling_mode_max_tokens"):
@@ -72,14 +86,7 @@ def _pooling(folder: Path) -> tuple[str, bool]:
 
 
 def inspect_checkpoint(folder: Path, task: str) -> CheckpointInfo:
-    if not folder.is_dir():
-        raise ExportError(
-            f"{folder} is not a folder. Give a local Hugging Face checkpoint folder "
-            "(this appliance is offline: hub ids are not fetched)."
-        )
-    config = _json(folder / "config.json")
-    if not config:
-        raise ExportError(f"{folder} has no config.json: not a Hugging Face checkpoint folder.")
+    config = read_config(folder)
     labels: list[str] | None = None
     multi_label = False
     if task == "text-classification":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import re
 import shutil
 import tempfile
@@ -36,7 +35,7 @@ from appliance.models.manifest import (
     file_entry,
     write_manifest,
 )
-from exporters.checkpoint import ExportError
+from exporters.checkpoint import ExportError, read_config, read_json
 from exporters.export import Progress, onnx_export
 from exporters.package import install, library_versions
 from exporters.quantize import cpu_preset, quantize
@@ -213,10 +212,6 @@ def _from_gguf(source: Path, gguf_file: str, work: Path) -> Path:
     return folder
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _ids(*values: Any) -> list[int]:
     out: list[int] = []
     for value in values:
@@ -237,20 +232,13 @@ class Checkpoint:
 
 
 def _inspect(folder: Path) -> Checkpoint:
-    if not folder.is_dir():
-        raise ExportError(
-            f"{folder} is not a folder. Give a local Hugging Face checkpoint folder "
-            "(this appliance is offline: hub ids are not fetched)."
-        )
-    config = _read_json(folder / "config.json")
-    if not config:
-        raise ExportError(f"{folder} has no config.json: not a Hugging Face checkpoint folder.")
+    config = read_config(folder)
     if config.get("is_encoder_decoder"):
         raise ExportError(
             f"{folder} is an encoder-decoder model: export it as summarisation, not "
             "text-generation (decoder-only models)."
         )
-    generation = _read_json(folder / "generation_config.json")
+    generation = read_json(folder / "generation_config.json")
     eos = _ids(generation.get("eos_token_id"), config.get("eos_token_id"))
     bos = generation.get("bos_token_id", config.get("bos_token_id"))
     pad = _ids(generation.get("pad_token_id"), config.get("pad_token_id"), eos)

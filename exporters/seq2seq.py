@@ -15,7 +15,6 @@ weights once where decoder + decoder_with_past would hold them twice, and it is 
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import tempfile
@@ -37,7 +36,7 @@ from appliance.models.manifest import (
     file_entry,
     write_manifest,
 )
-from exporters.checkpoint import ExportError, _max_tokens
+from exporters.checkpoint import ExportError, _max_tokens, read_config
 from exporters.export import Progress, onnx_export
 from exporters.generation import (
     SCHEMES,
@@ -133,10 +132,6 @@ fp32; weight-only 8-bit MatMulNBits computing in fp32 or, accuracy_level 4, in i
 # ---- reading the checkpoint ------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 @dataclass
 class Checkpoint:
     folder: Path
@@ -147,14 +142,7 @@ class Checkpoint:
 
 
 def _inspect(folder: Path) -> Checkpoint:
-    if not folder.is_dir():
-        raise ExportError(
-            f"{folder} is not a folder. Give a local Hugging Face checkpoint folder "
-            "(this appliance is offline: hub ids are not fetched)."
-        )
-    config = _read_json(folder / "config.json")
-    if not config:
-        raise ExportError(f"{folder} has no config.json: not a Hugging Face checkpoint folder.")
+    config = read_config(folder)
     if not config.get("is_encoder_decoder"):
         raise ExportError(
             f"{folder} is not an encoder-decoder model (config.json: is_encoder_decoder is not "

@@ -42,7 +42,7 @@ from appliance.models.manifest import (
 from appliance.runtime.images import ImagePreprocessor
 from appliance.runtime.session import create_session
 from appliance.tasks import build_runner
-from exporters.checkpoint import ExportError
+from exporters.checkpoint import ExportError, read_config
 from exporters.export import FIDELITY_GOAL, MAX_SIZE_RATIO, Progress, onnx_export, report_table
 from exporters.package import install, library_versions
 from exporters.quantize import cpu_preset, quantize, to_fp16
@@ -125,20 +125,6 @@ def example_image() -> str:
 
 
 # ---- reading the checkpoint ------------------------------------------------------------------
-
-
-def _config(source: Path) -> dict[str, Any]:
-    import json
-
-    if not source.is_dir():
-        raise ExportError(
-            f"{source} is not a folder. Give a local Hugging Face checkpoint folder "
-            "(this appliance is offline: hub ids are not fetched)."
-        )
-    path = source / "config.json"
-    if not path.is_file():
-        raise ExportError(f"{source} has no config.json: not a Hugging Face checkpoint folder.")
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
 def read_preprocessing(source: Path) -> dict[str, Any]:
@@ -603,7 +589,7 @@ def export_clip(
     work = Path(tempfile.mkdtemp(prefix=f".export-{slug}-", dir=out_dir))
     try:
         with progress("reading checkpoint"):
-            config = _config(source)
+            config = read_config(source)
             if config.get("model_type") != "clip":
                 raise ExportError(
                     f"{source} is a {config.get('model_type')!r} model; "
@@ -710,7 +696,7 @@ def export_image_classifier(
     work = Path(tempfile.mkdtemp(prefix=f".export-{slug}-", dir=out_dir))
     try:
         with progress("reading checkpoint"):
-            config = _config(source)
+            config = read_config(source)
             id2label = config.get("id2label") or {}
             labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
             if not labels:
