@@ -20,7 +20,7 @@ from appliance.classifiers import Classifier, ClassifierStore
 from appliance.errors import ValidationFailed
 from appliance.inference import Outcome
 from appliance.models.registry import Registry
-from appliance.runtime.documents import extract_text
+from appliance.runtime.documents import documents
 
 DEFAULT_TAG_THRESHOLD = 0.5
 
@@ -81,7 +81,7 @@ async def _text_of(body: ClassifyBody) -> str:
     if (body.text is None) == (body.file is None):
         raise ValidationFailed("Send exactly one of `text` and `file`.", details={"field": "text"})
     if body.file is not None:
-        return await asyncio.to_thread(extract_text, body.file)
+        return await documents.extract_text(body.file)
     return body.text  # type: ignore[return-value]
 
 
