@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -605,3 +606,84 @@ def test_serving_modules_import_no_export_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_large_image_is_decoded_small_and_charged_by_pixels(
+    vision_client: TestClient, key: dict[str, str], torch_clip: TorchClip
+) -> None:
+    # Reduced before the model's resize, the vector still matches PyTorch on the full image.
+    data = encode(picture(2, (800, 600)), "JPEG")
+    r = vision_client.post(
+        "/v1/image-vectorisation", json={"image": b64(data), "model": "tiny-clip"}, headers=key
+    )
+    assert r.status_code == 200, r.text
+    assert cosine(np.array(r.json()["vector"]), torch_clip.images([decoded(data)])[0]) >= 0.99
+    # One token per 64x64 patch of the picture as sent: ceil(800 * 600 / 4096).
+    assert r.headers["x-tokens-used"] == "118"
+
+
+def test_reduced_decoding_matches_full_size_preprocessing() -> None:
+    pre = ImagePreprocessor.from_config(
+        {
+            "resize": {"shortest_edge": 64},
+            "center_crop": {"height": 64, "width": 64},
+            "rescale_factor": 1 / 255,
+        }
+    )
+    for fmt in ("PNG", "JPEG"):
+        data = b64(encode(picture(3, (1600, 1200)), fmt))
+        small = decode_image(data, min_side=pre.min_side)
+        assert max(small.size) < 1600 // 2  # decoded (JPEG) or reduced (PNG) well below full size
+        full = pre(decode_image(data))
+        # A few grey levels apart at most, as pillow's reducing_gap promises.
+        assert np.abs(pre(small) - full).mean() < 2 / 255
+
+
+# Decoded in a fresh interpreter that only reads the file, so that its peak RSS (ru_maxrss)
+# is that of the decode alone (building the picture would set the peak first).
+MEASURE_DECODE = """
+import json, resource, sys
+from appliance.runtime.images import ImagePreprocessor, decode_sized
+text = open(sys.argv[1]).read()
+pre = ImagePreprocessor.from_config(
+    {"resize": {"shortest_edge": 224}, "center_crop": {"height": 224, "width": 224}}
+)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+decoded, size = decode_sized(text, min_side=pre.min_side)
+pixels = pre(decoded)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"grown_kb": grown, "size": size, "shape": pixels.shape}))
+"""
+
+
+@pytest.mark.parametrize(
+    "mode,colour,fmt,bound_mb",
+    [
+        # Grayscale: its one 40 MB decode buffer, reduced before it becomes RGB (before: the
+        # buffer and a 160 MB RGB copy, +198 MB measured).
+        ("L", 128, "PNG", 50),
+        # JPEG: decoded at 1/8 scale straight from the DCT (before: +160 MB measured).
+        ("RGB", (200, 30, 30), "JPEG", 25),
+        # RGB PNG has no reduced decoding in pillow: one full decode buffer (4 bytes a pixel,
+        # 160 MB at the 40 MP cap), never a converted copy on top of it.
+        ("RGB", (200, 30, 30), "PNG", 175),
+    ],
+    ids=["png-40mp-gray", "jpeg-40mp", "png-40mp-rgb"],
+)
+def test_a_40_megapixel_image_is_decoded_with_bounded_memory(
+    tmp_path: Path, mode: str, colour: Any, fmt: str, bound_mb: int
+) -> None:
+    data = encode(Image.new(mode, (8000, 5000), colour), fmt)
+    assert len(data) < 1024 * 1024  # a small file claiming a large canvas
+    (tmp_path / "image.b64").write_text(b64(data))
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE_DECODE, str(tmp_path / "image.b64")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(result.stdout)
+    assert measured["size"] == [8000, 5000] and measured["shape"] == [3, 224, 224]
+    assert measured["grown_kb"] < bound_mb * 1024

@@ -33,6 +33,15 @@ MAX_IMAGE_PIXELS = 40_000_000
 """Width x height cap, checked from the header before any pixel is decoded: a small file can
 claim a huge canvas (a decompression bomb); 40 MP holds any camera photo."""
 
+REDUCING_GAP = 3
+"""A large image is decoded or reduced (by whole factors, averaging) only down to this many
+times the size the model's resize needs, the last step being the processor's own filter:
+pillow's reducing_gap, at which the result is indistinguishable from a full-size resize."""
+PIXELS_PER_TOKEN = 64 * 64
+"""An image is charged one token per 64x64 patch of the picture as sent (at least the model's
+visual tokens): decoding is what a large image costs, whatever size the model sees."""
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "RGBa", "La", "YCbCr"}
+
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 _URLSAFE = str.maketrans("-_", "+/")
 
@@ -87,14 +96,45 @@ def _too_many_pixels(field: str, max_pixels: int, size: str = "") -> ValidationF
     )
 
 
+def image_tokens(width: int, height: int, visual_tokens: int) -> int:
+    """Tokens charged for a width x height image (see PIXELS_PER_TOKEN)."""
+    return max(visual_tokens, -(-width * height // PIXELS_PER_TOKEN))
+
+
+def _reduction(size: tuple[int, int], min_side: int) -> int:
+    """The whole factor an image of `size` may shrink by and keep its short side at least
+    REDUCING_GAP x min_side (1: keep it as is)."""
+    return max(1, min(size) // (REDUCING_GAP * min_side))
+
+
 def decode_image(
     text: str,
     *,
     field: str = "image",
     max_bytes: int = MAX_IMAGE_BYTES,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Base64 text (as `require_image` returns it) to a fully decoded, upright pillow image."""
+    return decode_sized(
+        text, field=field, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side
+    )[0]
+
+
+def decode_sized(
+    text: str,
+    *,
+    field: str = "image",
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    min_side: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The decoded image and the (width, height) it was sent at.
+
+    With `min_side` (the short side the model's preprocessing needs), a large image is decoded
+    smaller: a JPEG straight from its DCT at 1/2, 1/4 or 1/8 scale (`draft`), other formats
+    reduced right after decoding, before any conversion or copy; a 40 MP picture then costs
+    one decode buffer, not several."""
     details: dict[str, Any] = {"field": field}
     if "-" in text or "_" in text:
         text = text.translate(_URLSAFE)
@@ -128,6 +168,9 @@ def decode_image(
         width, height = image.size
         if width * height > max_pixels:
             raise _too_many_pixels(field, max_pixels, f"{width}x{height}")
+        factor = _reduction(image.size, min_side) if min_side else 1
+        if factor > 1 and image.format == "JPEG":
+            image.draft(None, (-(-width // factor), -(-height // factor)))
         try:
             image.load()
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -138,12 +181,17 @@ def decode_image(
                 "truncated or corrupt.",
                 details=details,
             ) from None
+    if min_side and (factor := _reduction(image.size, min_side)) > 1:
+        if image.mode not in _REDUCIBLE:  # palette or 1-bit: reduce averages colours
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        # The decoded original is dropped here: only the reduced copy lives on.
+        image = image.reduce(factor)
     # Phones store photos sideways plus an EXIF turn; transformers' load_image applies it too,
     # so the model sees the picture as the user does. In place: no copy of the pixels. A broken
     # orientation tag is only metadata: the pixels are still good.
     with contextlib.suppress(Exception):
         ImageOps.exif_transpose(image, in_place=True)
-    return image
+    return image, (width, height)
 
 
 def _size(value: Any, what: str) -> dict[str, int] | None:
@@ -208,6 +256,17 @@ class ImagePreprocessor:
             raise ValueError("image preprocessing: image_mean and image_std go together")
         _ = pre.output_size  # raises when the images would not all have one size
         return pre
+
+    @property
+    def min_side(self) -> int | None:
+        """The short side an image needs for this preprocessing to see all it would see at
+        full size (None: keep every pixel, as without a resize the crop takes them as they
+        are)."""
+        if self.resize is None:
+            return None
+        if "shortest_edge" in self.resize:
+            return self.resize["shortest_edge"]
+        return max(self.resize["height"], self.resize["width"])
 
     @property
     def output_size(self) -> tuple[int, int]:

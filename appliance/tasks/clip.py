@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from appliance.errors import InputTooLong, ValidationFailed
 from appliance.models.manifest import Manifest
-from appliance.runtime.images import decode_image, require_image
+from appliance.runtime.images import decode_sized, image_tokens, require_image
 from appliance.runtime.tokenizer import Encoded, TextTokenizer
 from appliance.tasks.base import ItemResult, Runner, require_text
 from appliance.tasks.embed import l2_normalise
@@ -106,16 +106,19 @@ class ClipRunner(Runner[ClipInput, ClipItem, np.ndarray]):
         items = []
         for i in inputs:
             text = next(encoded) if i.text is not None else None
-            pixels = self.preprocessor(decode_image(i.image)) if i.image is not None else None
+            pixels: np.ndarray | None = None
+            tokens = text.n_tokens if text is not None else 0
+            if i.image is not None:
+                image, (width, height) = decode_sized(i.image, min_side=self.preprocessor.min_side)
+                pixels = self.preprocessor(image)
+                tokens = image_tokens(width, height, self.visual_tokens)
             template = self.text_prompt_template if text is not None else self.prompt_template
             prompts = (
                 self.tokenizer.encode([template.format(label=label) for label in i.labels])
                 if i.labels
                 else []
             )
-            tokens = (text.n_tokens if text is not None else self.visual_tokens) + sum(
-                p.n_tokens for p in prompts
-            )
+            tokens += sum(p.n_tokens for p in prompts)
             items.append(ClipItem(text, pixels, i.labels, prompts, tokens))
         if not truncate and any(item.truncated for item in items):
             raise InputTooLong(

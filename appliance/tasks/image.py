@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from appliance.errors import ValidationFailed
 from appliance.models.manifest import Manifest
-from appliance.runtime.images import ImagePreprocessor, decode_image, require_image
+from appliance.runtime.images import ImagePreprocessor, decode_sized, image_tokens, require_image
 from appliance.tasks.base import ItemResult, Runner
 from appliance.tasks.labels import MAX_LABELS, label_output, sigmoid, softmax
 
@@ -51,7 +51,8 @@ def preprocessor_of(manifest: Manifest) -> ImagePreprocessor:
 
 
 def visual_tokens_of(manifest: Manifest) -> int:
-    """Tokens an image is charged (API.md: images count as configured visual tokens)."""
+    """The fewest tokens an image is charged (API.md: images count as configured visual
+    tokens; a large one more, see appliance.runtime.images.image_tokens)."""
     tokens = manifest.config.get("visual_tokens")
     if not isinstance(tokens, int) or tokens < 1:
         raise ValueError("manifest.config.visual_tokens must be a positive integer")
@@ -69,6 +70,7 @@ class ImageInput:
 class ImageItem:
     pixels: np.ndarray
     labels: tuple[str, ...] | None
+    tokens: int
 
 
 class ImageClassificationRunner(Runner[ImageInput, ImageItem, np.ndarray]):
@@ -96,10 +98,15 @@ class ImageClassificationRunner(Runner[ImageInput, ImageItem, np.ndarray]):
         return ImageInput(image, labels)
 
     def preprocess(self, inputs: list[ImageInput], *, truncate: bool = True) -> list[ImageItem]:
-        return [ImageItem(self.preprocessor(decode_image(i.image)), i.labels) for i in inputs]
+        items = []
+        for i in inputs:
+            image, (width, height) = decode_sized(i.image, min_side=self.preprocessor.min_side)
+            tokens = image_tokens(width, height, self.visual_tokens)
+            items.append(ImageItem(self.preprocessor(image), i.labels, tokens))
+        return items
 
     def cost(self, item: ImageItem) -> int:
-        return self.visual_tokens
+        return item.tokens
 
     def infer(self, batch: list[ImageItem]) -> list[np.ndarray]:
         pixels = np.stack([item.pixels for item in batch])
@@ -112,4 +119,4 @@ class ImageClassificationRunner(Runner[ImageInput, ImageItem, np.ndarray]):
             index = [names.index(label) for label in item.labels]
             names, logits = list(item.labels), raw[index]
         scores = sigmoid(logits) if self.manifest.multi_label else softmax(logits)
-        return ItemResult(label_output(names, scores), tokens=self.visual_tokens)
+        return ItemResult(label_output(names, scores), tokens=item.tokens)
