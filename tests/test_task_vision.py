@@ -662,13 +662,16 @@ print(json.dumps({"grown_kb": grown, "size": size, "shape": pixels.shape}))
         # Grayscale: its one 40 MB decode buffer, reduced before it becomes RGB (before: the
         # buffer and a 160 MB RGB copy, +198 MB measured).
         ("L", 128, "PNG", 50),
+        # Palette and 1-bit: converted a band of rows at a time (before: +198 MB measured).
+        ("P", 3, "PNG", 75),
+        ("1", 1, "PNG", 60),
         # JPEG: decoded at 1/8 scale straight from the DCT (before: +160 MB measured).
         ("RGB", (200, 30, 30), "JPEG", 25),
         # RGB PNG has no reduced decoding in pillow: one full decode buffer (4 bytes a pixel,
         # 160 MB at the 40 MP cap), never a converted copy on top of it.
         ("RGB", (200, 30, 30), "PNG", 175),
     ],
-    ids=["png-40mp-gray", "jpeg-40mp", "png-40mp-rgb"],
+    ids=["png-40mp-gray", "png-40mp-palette", "png-40mp-1bit", "jpeg-40mp", "png-40mp-rgb"],
 )
 def test_a_40_megapixel_image_is_decoded_with_bounded_memory(
     tmp_path: Path, mode: str, colour: Any, fmt: str, bound_mb: int

@@ -107,6 +107,22 @@ def _reduction(size: tuple[int, int], min_side: int) -> int:
     return max(1, min(size) // (REDUCING_GAP * min_side))
 
 
+def _converted(image: Image.Image, factor: int) -> Image.Image:
+    """`image` converted as the preprocessing would (1-bit to 8-bit gray, the same picture in
+    a quarter of RGB's memory; others to RGB) and reduced by `factor`, a band of rows at a
+    time: palette indices and bits cannot be averaged, and converting a 40 MP palette image
+    whole would cost 160 MB. Bands are whole multiples of `factor`, so the result is the
+    same as one reduce of the whole converted image."""
+    mode = "L" if image.mode == "1" else "RGB"
+    width, height = image.size
+    out = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    band = factor * max(1, 256 // factor)
+    for top in range(0, height, band):
+        rows = image.crop((0, top, width, min(height, top + band))).convert(mode)
+        out.paste(rows.reduce(factor), (0, top // factor))
+    return out
+
+
 def decode_image(
     text: str,
     *,
@@ -182,10 +198,8 @@ def decode_sized(
                 details=details,
             ) from None
     if min_side and (factor := _reduction(image.size, min_side)) > 1:
-        if image.mode not in _REDUCIBLE:  # palette or 1-bit: reduce averages colours
-            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         # The decoded original is dropped here: only the reduced copy lives on.
-        image = image.reduce(factor)
+        image = image.reduce(factor) if image.mode in _REDUCIBLE else _converted(image, factor)
     # Phones store photos sideways plus an EXIF turn; transformers' load_image applies it too,
     # so the model sees the picture as the user does. In place: no copy of the pixels. A broken
     # orientation tag is only metadata: the pixels are still good.
