@@ -161,6 +161,9 @@ def _from_litestar(exc: HTTPException) -> ApplianceError:
     error = ApplianceError(str(exc.detail))
     error.status_code = exc.status_code  # type: ignore[misc]
     error.code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")  # type: ignore[misc]
+    # litestar's router puts the path's real methods in `allow` on its 405 (RFC 9110 wants it).
+    if exc.headers and "allow" in {k.lower() for k in exc.headers}:
+        error.headers = {"Allow": next(v for k, v in exc.headers.items() if k.lower() == "allow")}
     if exc.status_code == 413:
         error.message = "Request body too large."
     return error
@@ -175,6 +178,10 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
     request_id = request_id_of(request)
     if isinstance(exc, HTTPException):
         exc = _from_litestar(exc)
+    elif isinstance(exc, RecursionError) and "deserializ" in str(exc):
+        # msgspec's JSON decoder (litestar's request.json) raises this for bodies nested past
+        # its depth limit: the client's input, not a server fault.
+        exc = InvalidJSON("The request body is not valid JSON: nested too deep.")
     if not isinstance(exc, ApplianceError):
         log.exception("unhandled error (request %s)", request_id, exc_info=exc)
         exc = ApplianceError()

@@ -111,3 +111,35 @@ def test_unexpected_exception_is_a_generic_500(
     )
     body = assert_error_body(r, 500, "INTERNAL_ERROR")
     assert "secret" not in r.text and "passwd" not in body["message"]
+
+
+def test_json_nested_too_deep_is_400_not_500(
+    client: TestClient, predict_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in (EMBED, PREDICT):
+        r = client.post(
+            path,
+            content=deep,
+            headers={"x-api-key": predict_key, "content-type": "application/json"},
+        )
+        body = assert_error_body(r, 400, "INVALID_JSON")
+        assert "deep" in body["message"]
+    assert "Traceback" not in caplog.text and "unhandled" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "method,path,allowed",
+    [
+        ("delete", "/api/v1/models", {"GET", "POST"}),
+        ("put", EMBED, {"POST"}),
+        ("post", "/healthz", {"GET"}),
+    ],
+)
+def test_405_carries_the_path_methods_in_allow(
+    client: TestClient, predict_key: str, method: str, path: str, allowed: set[str]
+) -> None:
+    r = client.request(method.upper(), path, headers={"x-api-key": predict_key})
+    assert_error_body(r, 405, "METHOD_NOT_ALLOWED")
+    got = {m.strip() for m in r.headers["allow"].split(",")}
+    assert got - {"HEAD", "OPTIONS"} == allowed
