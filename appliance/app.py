@@ -82,6 +82,7 @@ def create_app(
         size_limit_bytes=settings.cache.size_limit_mb * 1024 * 1024,
         ttl_seconds=settings.cache.ttl_seconds,
         enabled=settings.cache.enabled,
+        scope=settings.cache.scope,
     )
     builds = Builds(settings, registry)
     inference = Inference(registry, cache, limiter or RateLimiter(), usage, settings.limits)

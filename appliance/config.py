@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -106,6 +106,10 @@ class ModelsConfig(_Section):
     """Open each model at its first request instead of at start: less memory for models
     nobody calls (files are still verified at start); that first request waits for the load."""
     watch_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    scope: Literal["key", "shared"] = "key"
+    """"key": each API key has its own entries (the key id is part of the cache key), so one
+    key cannot learn from X-Cache: HIT what another key sent. "shared": one entry serves
+    every key (more hits, but that side channel is open)."""
     """How often models_dir is rescanned for added, replaced or removed folders (0: never)."""
     retire_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     """A replaced or deleted model keeps answering requests that already chose it this long."""

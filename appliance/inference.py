@@ -156,6 +156,8 @@ class Inference:
         keys: list[str | None] = [None] * len(inputs)
         if self.cache.enabled and (call.read_cache or call.write_cache):
             m, runner, params = entry.manifest, entry.runner, {"truncate": truncate}
+            if self.cache.scope == "key":  # no cross-key X-Cache: HIT side channel
+                params["key"] = key.id
             keys = [
                 cache_key(entry.slug, m.fingerprint, m.task, item, params)
                 if runner.cacheable(item)

@@ -79,6 +79,23 @@ def test_second_identical_request_is_a_hit_that_runs_no_model_and_costs_nothing(
     )
 
 
+@pytest.mark.parametrize("scope", [None, "key", "shared"])
+def test_cache_entries_are_per_key_unless_shared(serve, models_dir: Path, scope) -> None:  # type: ignore[no-untyped-def]
+    # Key B must not learn from X-Cache: HIT / X-Cache-Age what key A sent (default "key").
+    env = {} if scope is None else {"APPLIANCE_CACHE__SCOPE": scope}
+    client = serve(models_dir, **env)
+    a = client.keys.create("a", ["predict"])[1]
+    b = client.keys.create("b", ["predict"])[1]
+    assert embed(client, a, "a private question").headers["x-cache"] == "MISS"
+    assert embed(client, a, "a private question").headers["x-cache"] == "HIT"
+    other = embed(client, b, "a private question")
+    assert other.status_code == 200
+    if scope == "shared":
+        assert other.headers["x-cache"] == "HIT" and "x-cache-age" in other.headers
+    else:
+        assert other.headers["x-cache"] == "MISS" and "x-cache-age" not in other.headers
+
+
 def test_predict_reports_cached(client: TestClient, predict_key: str) -> None:
     body = {"input": {"text": "hello"}}
     headers = {"x-api-key": predict_key}

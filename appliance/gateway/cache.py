@@ -71,9 +71,16 @@ MAX_QUEUED = 10_000
 
 class ResponseCache:
     def __init__(
-        self, directory: Path, *, size_limit_bytes: int, ttl_seconds: float, enabled: bool = True
+        self,
+        directory: Path,
+        *,
+        size_limit_bytes: int,
+        ttl_seconds: float,
+        enabled: bool = True,
+        scope: str = "key",
     ) -> None:
         self.directory = directory
+        self.scope = scope  # "key": callers pass their key id into cache_key (see config)
         self.size_limit = size_limit_bytes
         self.ttl = ttl_seconds
         self._cache: diskcache.Cache | None = self._open() if enabled else None
