@@ -99,6 +99,10 @@ class CacheConfig(_Section):
     """Least recently stored entries are evicted beyond this."""
     ttl_seconds: Positive = 7 * 86400
     """An entry older than this is a miss."""
+    scope: Literal["key", "shared"] = "key"
+    """"key": each API key has its own entries (the key id is part of the cache key), so one
+    key cannot learn from X-Cache: HIT what another key sent. "shared": one entry serves
+    every key (more hits, but that side channel is open)."""
 
 
 class ModelsConfig(_Section):
@@ -106,10 +110,6 @@ class ModelsConfig(_Section):
     """Open each model at its first request instead of at start: less memory for models
     nobody calls (files are still verified at start); that first request waits for the load."""
     watch_interval_seconds: Annotated[float, msgspec.Meta(ge=0)] = 2.0
-    scope: Literal["key", "shared"] = "key"
-    """"key": each API key has its own entries (the key id is part of the cache key), so one
-    key cannot learn from X-Cache: HIT what another key sent. "shared": one entry serves
-    every key (more hits, but that side channel is open)."""
     """How often models_dir is rescanned for added, replaced or removed folders (0: never)."""
     retire_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     """A replaced or deleted model keeps answering requests that already chose it this long."""
