@@ -39,7 +39,12 @@ def test_list_models(client: TestClient, predict_key: str, prefix: str) -> None:
         "build_status": "success",
         "description": "",
         "tasks": ["text-classification", "classify", "tag", "emotion"],
+        "id": "tiny-cls",
+        "object": "model",
+        "created": cls["created"],
+        "owned_by": "appliance",
     }
+    assert r.json()["object"] == "list"
 
 
 def test_model_details(client: TestClient, predict_key: str) -> None:

@@ -68,3 +68,13 @@ def test_token_arrays_and_bad_dimensions_are_422(openai_client: OpenAI) -> None:
         openai_client.embeddings.create(model="tiny-embed", input=[[1, 2, 3]])
     with pytest.raises(UnprocessableEntityError):
         openai_client.embeddings.create(model="tiny-embed", input="x", dimensions=10_000)
+
+
+def test_openai_client_lists_models(openai_client: OpenAI, client: TestClient) -> None:
+    page = openai_client.models.list()
+    ids = [m.id for m in page.data]
+    assert "tiny-embed" in ids and None not in ids
+    for m in page.data:
+        assert m.object == "model" and m.owned_by == "appliance"
+        assert isinstance(m.created, int) and m.created > 1_600_000_000
+    # GET /v1/models/{slug} keeps the models-predict seed's {"data": ...} envelope.

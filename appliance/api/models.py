@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -65,7 +66,23 @@ def summary(entry: ModelEntry) -> ModelSummary:
         build_status=entry.build_status,
         description=m.description if m else "",
         tasks=TASK_ENDPOINTS.get(m.task, []) if m else [],
+        id=entry.slug,
+        created=_created(entry),
     )
+
+
+def _created(entry: ModelEntry) -> int:
+    """Unix time the model was exported (manifest), else when its folder last changed."""
+    m = entry.manifest
+    if m and m.created_at:
+        try:
+            return int(datetime.fromisoformat(m.created_at.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            pass
+    try:
+        return int(entry.folder.stat().st_mtime)
+    except OSError:
+        return 0
 
 
 def detail(entry: ModelEntry) -> ModelDetail:

@@ -3,7 +3,7 @@ in /openapi.json."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -35,7 +35,7 @@ class PredictResponse(msgspec.Struct):
     meta: PredictMeta
 
 
-class ModelSummary(msgspec.Struct):
+class ModelSummary(msgspec.Struct, kw_only=True):
     code: str
     name: str
     slug: str
@@ -45,6 +45,11 @@ class ModelSummary(msgspec.Struct):
     build_status: str
     description: str
     tasks: list[str]
+    # OpenAI's model object, so OpenAI-compatible clients listing /v1/models see each model.
+    id: str = ""
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "appliance"
 
 
 class ModelDetail(ModelSummary):
@@ -60,6 +65,7 @@ class ModelDetail(ModelSummary):
 
 class ModelList(msgspec.Struct):
     data: list[ModelSummary]
+    object: Literal["list"] = "list"
 
 
 class ModelDetailEnvelope(msgspec.Struct):
