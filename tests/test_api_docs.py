@@ -45,3 +45,42 @@ def test_raw_uploads_are_documented(client: TestClient) -> None:
     for path, media in (("/v1/batch", "application/x-ndjson"), ("/v1/models", "application/zip")):
         body = paths[path]["post"]["requestBody"]
         assert media in body["content"] and body["required"] is True
+
+
+def test_every_operation_declares_the_error_body_and_headers(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    error = schema["components"]["schemas"]["Error"]
+    assert set(error["required"]) == {
+        "error",
+        "code",
+        "message",
+        "details",
+        "docs_url",
+        "request_id",
+    }
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            if method not in {"get", "post", "put", "delete", "patch"}:
+                continue
+            for status in ("400", "404", "405", "422", "500", "503"):
+                response = op["responses"][status]
+                ref = response["content"]["application/json"]["schema"]["$ref"]
+                assert ref == "#/components/schemas/Error", (path, method, status)
+                assert "X-Request-ID" in response["headers"]
+            assert "Retry-After" in op["responses"]["503"]["headers"]
+            assert "Allow" in op["responses"]["405"]["headers"]
+    predict = schema["paths"]["/api/v1/models/{slug}/predict"]["post"]["responses"]
+    assert {"X-Tokens-Used", "X-Cache", "X-RateLimit-Remaining-Requests"} <= set(
+        predict["200"]["headers"]
+    )
+    assert "Retry-After" in predict["429"]["headers"] and "401" in predict
+
+
+def test_open_routes_need_no_key_and_metrics_is_prometheus_text(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert paths[path]["get"]["security"] == [], path
+        assert "401" not in paths[path]["get"]["responses"]
+    assert "security" not in paths["/api/v1/models"]["get"]
+    ok = paths["/metrics"]["get"]["responses"]["200"]
+    assert list(ok["content"]) == ["text/plain; version=0.0.4"]

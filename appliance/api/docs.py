@@ -65,7 +65,126 @@ def openapi_config() -> OpenAPIConfig:
 
 
 def _schema(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    return request.app.openapi_schema.to_schema()
+    return declare_responses(request.app.openapi_schema.to_schema(), _handler_opts(request))
+
+
+# The one error body every failure carries (API.md), declared once and referenced by every
+# operation: litestar's default 400 ({detail, status_code}) is not what the server sends.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error", "code", "message", "details", "docs_url", "request_id"],
+    "properties": {
+        "error": {"type": "string", "description": "`code` in kebab case."},
+        "code": {"type": "string", "description": "Stable machine-readable code."},
+        "message": {"type": "string"},
+        "details": {"type": "object", "additionalProperties": True},
+        "docs_url": {"type": "string"},
+        "request_id": {"type": ["string", "null"]},
+    },
+}
+_STR = {"schema": {"type": "string"}}
+_INT = {"schema": {"type": "integer"}}
+REQUEST_ID = {"X-Request-ID": {**_STR, "description": "The request's id (also in bodies)."}}
+RETRY_AFTER = {"Retry-After": {**_INT, "description": "Seconds to wait before retrying."}}
+RATE_LIMIT = {
+    name: _STR
+    for name in (
+        "X-RateLimit-Limit-Requests",
+        "X-RateLimit-Remaining-Requests",
+        "X-RateLimit-Limit-Tokens",
+        "X-RateLimit-Remaining-Tokens",
+        "X-RateLimit-Reset",
+    )
+}
+INFERENCE = {
+    **RATE_LIMIT,
+    "X-Cache": {**_STR, "description": "HIT, MISS or BYPASS."},
+    "X-Cache-Key": _STR,
+    "X-Cache-Age": _INT,
+    "X-Tokens-Used": _INT,
+    "X-Model": _STR,
+    "X-Truncated": _STR,
+}
+# Statuses any operation can answer (auth, scope, unknown model, body limits, validation,
+# rate limits, quota, overload, faults), plus those only a key-protected route gives.
+_ERRORS = {
+    400: "Bad request or invalid JSON.",
+    404: "Not found.",
+    405: "Method not allowed (`Allow` lists the path's methods).",
+    413: "Request body too large.",
+    415: "Unsupported media type.",
+    422: "Invalid request body or parameters.",
+    500: "Internal error.",
+    503: "Overloaded, draining or model unavailable.",
+}
+_KEYED_ERRORS = {
+    401: "Missing or invalid API key.",
+    402: "Token quota exhausted.",
+    403: "The API key lacks the scope.",
+    409: "Conflict.",
+    429: "Rate limit, or too many jobs.",
+    501: "Not available on this appliance.",
+    504: "Timed out.",
+    507: "Insufficient storage.",
+}
+METRICS_MEDIA = "text/plain; version=0.0.4"
+_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+
+
+def _handler_opts(request: Request[Any, Any, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(OpenAPI path, method) -> the handler's opt, so docs follow the auth guard's rules."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for route in request.app.routes:
+        for handler in getattr(route, "route_handlers", []):
+            for method in getattr(handler, "http_methods", ()):
+                out[(route.path_format, method.lower())] = dict(handler.opt)
+    return out
+
+
+def declare_responses(
+    doc: dict[str, Any], opts: dict[tuple[str, str], dict[str, Any]]
+) -> dict[str, Any]:
+    """Every operation declares every status it can give, with the one error body and the
+    headers the server sets; open routes (no scope) declare `security: []`."""
+    doc.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    error_ref = {"$ref": "#/components/schemas/Error"}
+    for path, item in doc.get("paths", {}).items():
+        for method in _METHODS:
+            op = item.get(method)
+            if op is None:
+                continue
+            opt = opts.get((path, method), {})
+            scope = opt.get("scope")
+            inference = scope == "predict" and method == "post"
+            errors = dict(_ERRORS)
+            if scope is None:
+                op["security"] = []
+            else:
+                errors.update(_KEYED_ERRORS)
+            responses = op.setdefault("responses", {})
+            for code, response in responses.items():
+                if code.startswith(("4", "5")):
+                    continue
+                headers = response.setdefault("headers", {})
+                headers.update(REQUEST_ID)
+                if inference:
+                    headers.update(INFERENCE)
+                if path == "/metrics":
+                    response["content"] = {METRICS_MEDIA: {"schema": {"type": "string"}}}
+            for status, description in errors.items():
+                headers = dict(REQUEST_ID)
+                if status in (429, 503):
+                    headers.update(RETRY_AFTER)
+                if status == 405:
+                    headers["Allow"] = _STR
+                if inference or status == 429:
+                    headers.update(RATE_LIMIT)
+                responses[str(status)] = {
+                    "description": description,
+                    "headers": headers,
+                    "content": {"application/json": {"schema": error_ref}},
+                }
+    return doc
 
 
 @get("/openapi.json", include_in_schema=False, media_type="application/vnd.oai.openapi+json")
