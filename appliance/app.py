@@ -86,7 +86,9 @@ def create_app(
     )
     builds = Builds(settings, registry)
     inference = Inference(registry, cache, limiter or RateLimiter(), usage, settings.limits)
-    classifiers = ClassifierStore(settings.data_path / "classifiers.json")
+    classifiers = ClassifierStore(
+        settings.data_path / "classifiers.json", max_per_key=settings.classifiers.max_per_key
+    )
     job_manager = JobManager(settings, inference, keys, usage, classifiers, metrics)
 
     @contextlib.asynccontextmanager

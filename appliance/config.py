@@ -105,6 +105,12 @@ class CacheConfig(_Section):
     every key (more hits, but that side channel is open)."""
 
 
+class ClassifiersConfig(_Section):
+    max_per_key: Positive = 100
+    """Saved classifiers one (non-admin) key may own; past it POST /v1/classifiers is 422
+    CLASSIFIER_LIMIT. Admin-made (shared) classifiers are not counted."""
+
+
 class ModelsConfig(_Section):
     lazy: bool = False
     """Open each model at its first request instead of at start: less memory for models
@@ -153,6 +159,7 @@ class Settings(_Section):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    classifiers: ClassifiersConfig = msgspec.field(default_factory=ClassifiersConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)

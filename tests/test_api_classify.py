@@ -129,7 +129,7 @@ def test_saved_classifiers_crud_and_use(serve, models_dir: Path) -> None:  # typ
 
     client.__exit__(None, None, None)  # restart: saved classifiers survive
     again = serve(models_dir, data=client.data_dir)
-    auth2 = {"x-api-key": again.keys.create("k2", ["predict"])[1]}
+    auth2 = auth  # the same key, persisted: only the owner may delete its classifier
     assert again.get("/v1/classifiers/support-triage", headers=auth2).status_code == 200
     assert again.delete("/v1/classifiers/support-triage", headers=auth2).json() == {
         "name": "support-triage",
@@ -142,6 +142,63 @@ def test_saved_classifiers_crud_and_use(serve, models_dir: Path) -> None:  # typ
         ).status_code
         == 404
     )
+
+
+def test_classifiers_are_isolated_between_keys(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(models_dir)
+    a = {"x-api-key": client.keys.create("a", ["predict"])[1]}
+    b = {"x-api-key": client.keys.create("b", ["predict"])[1]}
+    admin = {"x-api-key": client.keys.create("admin", ["admin"])[1]}
+    spec = {"name": "mine", "labels": LABELS, "model": "tiny-embed"}
+    assert client.post("/v1/classifiers", json=spec, headers=a).status_code == 201
+    # B can neither see, use, delete nor replace A's classifier.
+    assert client.get("/v1/classifiers", headers=b).json()["data"] == []
+    gone = client.get("/v1/classifiers/mine", headers=b)
+    assert gone.status_code == 404 and gone.json()["code"] == "NOT_FOUND"
+    assert client.delete("/v1/classifiers/mine", headers=b).status_code == 404
+    used = client.post("/v1/classify", json={"text": TEXT, "classifier": "mine"}, headers=b)
+    assert used.status_code == 404
+    other = {**spec, "labels": ["x", "y"], "replace": True}
+    assert client.post("/v1/classifiers", json=other, headers=b).status_code == 409
+    assert client.get("/v1/classifiers/mine", headers=a).json()["labels"] == LABELS
+    # An admin sees and may delete it; an admin's classifiers are shared, read-only to others.
+    assert [c["name"] for c in client.get("/v1/classifiers", headers=admin).json()["data"]] == [
+        "mine"
+    ]
+    shared = {"name": "shared", "labels": LABELS, "model": "tiny-embed"}
+    assert client.post("/v1/classifiers", json=shared, headers=admin).status_code == 201
+    assert client.get("/v1/classifiers/shared", headers=b).status_code == 200
+    ok = client.post("/v1/classify", json={"text": TEXT, "classifier": "shared"}, headers=b)
+    assert ok.status_code == 200
+    refused = client.delete("/v1/classifiers/shared", headers=b)
+    assert refused.status_code == 403 and refused.json()["code"] == "FORBIDDEN"
+    assert client.delete("/v1/classifiers/mine", headers=admin).status_code == 200
+    assert oct((client.data_dir / "classifiers.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_classifier_cap_is_configured(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(models_dir, APPLIANCE_CLASSIFIERS__MAX_PER_KEY="1")
+    a = {"x-api-key": client.keys.create("a", ["predict"])[1]}
+    spec = {"labels": LABELS, "model": "tiny-embed"}
+    assert client.post("/v1/classifiers", json={**spec, "name": "x"}, headers=a).status_code == 201
+    over = client.post("/v1/classifiers", json={**spec, "name": "y"}, headers=a)
+    assert over.status_code == 422 and over.json()["code"] == "CLASSIFIER_LIMIT"
+
+
+def test_classifier_count_is_capped_per_key(tmp_path: Path) -> None:
+    from appliance.classifiers import Classifier, ClassifierLimit, ClassifierStore
+    from appliance.gateway.keys import KeyStore
+
+    keys = KeyStore(tmp_path / "keys.json")
+    key = keys.create("a", ["predict"])[0]
+    store = ClassifierStore(tmp_path / "c.json", max_per_key=2)
+    for name in ("one", "two"):
+        store.create(Classifier(name=name, labels=["x"]), who=key)
+    with pytest.raises(ClassifierLimit):
+        store.create(Classifier(name="three", labels=["x"]), who=key)
+    # Unowned entries of an older file are shared (admin) ones.
+    (tmp_path / "old.json").write_text('{"classifiers": [{"name": "old", "labels": ["x"]}]}')
+    assert ClassifierStore(tmp_path / "old.json").get("old", key).owner is None
 
 
 @pytest.mark.parametrize(

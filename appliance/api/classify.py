@@ -12,12 +12,13 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Response, delete, get, post
+from litestar import Request, Response, delete, get, post
 
 from appliance.api.responses import inference_response
 from appliance.api.tasks import LABELS, Endpoint, Work, as_batch
 from appliance.classifiers import Classifier, ClassifierStore
 from appliance.errors import ValidationFailed
+from appliance.gateway.auth import current_key
 from appliance.inference import Outcome
 from appliance.models.registry import Registry
 from appliance.runtime.documents import documents
@@ -61,8 +62,9 @@ class _Plan(msgspec.Struct):
     threshold: float | None
 
 
-def _plan(body: ClassifyBody | BatchBody, store: ClassifierStore) -> _Plan:
-    saved = store.get(body.classifier) if body.classifier else None
+def _plan(body: ClassifyBody | BatchBody, work: Work) -> _Plan:
+    store = _store(work)
+    saved = store.get(body.classifier, work.call.key) if body.classifier else None
     threshold = (
         body.threshold if body.threshold is not None else (saved.threshold if saved else None)
     )
@@ -137,7 +139,7 @@ async def classify_one(data: ClassifyBody, work: Work) -> tuple[dict[str, Any], 
 
 async def _one(data: ClassifyBody, work: Work, *, multi: bool) -> tuple[dict[str, Any], Outcome]:
     start = time.perf_counter()
-    plan = _plan(data, _store(work))
+    plan = _plan(data, work)
     outcome = await _run([await _text_of(data)], plan, multi, work)
     shape = _tagged if multi else _classified
     body = {
@@ -179,7 +181,7 @@ async def classify_many(data: BatchBody, work: Work) -> tuple[dict[str, Any], Ou
 async def _many(data: BatchBody, work: Work, *, multi: bool) -> tuple[dict[str, Any], Outcome]:
     start = time.perf_counter()
     texts, _ = as_batch(data.texts, "texts", work.settings.server.max_batch_items)
-    plan = _plan(data, _store(work))
+    plan = _plan(data, work)
     outcome = await _run(texts, plan, multi, work)
     shape = _tagged if multi else _classified
     results = [shape(r.output, plan.threshold) for r in outcome.results]
@@ -201,15 +203,20 @@ async def tag_many(data: BatchBody, work: Work) -> tuple[dict[str, Any], Outcome
 
 
 @get("/v1/classifiers", opt={"scope": "predict"}, tags=["classify"])
-async def list_classifiers(classifiers: ClassifierStore) -> dict[str, Any]:
-    """Saved classifiers."""
-    items = await asyncio.to_thread(classifiers.list)
+async def list_classifiers(
+    request: Request[Any, Any, Any], classifiers: ClassifierStore
+) -> dict[str, Any]:
+    """Saved classifiers this key may use: its own and the shared ones."""
+    items = classifiers.list(current_key(request))
     return {"data": [msgspec.to_builtins(c) for c in items]}
 
 
 @post("/v1/classifiers", opt={"scope": "predict"}, tags=["classify"], status_code=201)
 async def create_classifier(
-    data: ClassifierBody, classifiers: ClassifierStore, registry: Registry
+    request: Request[Any, Any, Any],
+    data: ClassifierBody,
+    classifiers: ClassifierStore,
+    registry: Registry,
 ) -> dict[str, Any]:
     """Save a label set with its model, description, multi-label flag and threshold. The
     model must exist and be able to score labels. 409 if the name exists (unless replace)."""
@@ -230,20 +237,26 @@ async def create_classifier(
             )
     fields = msgspec.structs.asdict(data)
     replace = fields.pop("replace")
-    saved = await asyncio.to_thread(classifiers.create, Classifier(**fields), replace=replace)
+    saved = await asyncio.to_thread(
+        classifiers.create, Classifier(**fields), replace=replace, who=current_key(request)
+    )
     return msgspec.to_builtins(saved)  # type: ignore[no-any-return]
 
 
 @get("/v1/classifiers/{name:str}", opt={"scope": "predict"}, tags=["classify"])
-async def get_classifier(name: str, classifiers: ClassifierStore) -> dict[str, Any]:
-    """One saved classifier."""
-    return msgspec.to_builtins(await asyncio.to_thread(classifiers.get, name))  # type: ignore[no-any-return]
+async def get_classifier(
+    request: Request[Any, Any, Any], name: str, classifiers: ClassifierStore
+) -> dict[str, Any]:
+    """One saved classifier (404 if it is another key's)."""
+    return msgspec.to_builtins(classifiers.get(name, current_key(request)))  # type: ignore[no-any-return]
 
 
 @delete("/v1/classifiers/{name:str}", opt={"scope": "predict"}, tags=["classify"], status_code=200)
-async def delete_classifier(name: str, classifiers: ClassifierStore) -> dict[str, Any]:
-    """Delete a saved classifier."""
-    await asyncio.to_thread(classifiers.delete, name)
+async def delete_classifier(
+    request: Request[Any, Any, Any], name: str, classifiers: ClassifierStore
+) -> dict[str, Any]:
+    """Delete a saved classifier: the owner's or, for shared ones, an admin's."""
+    await asyncio.to_thread(classifiers.delete, name, current_key(request))
     return {"name": name, "deleted": True}
 
 

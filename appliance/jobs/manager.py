@@ -147,7 +147,7 @@ class JobManager:
                     f"Endpoint '{target.path}' takes no classifier.",
                     details={"field": "classifier"},
                 )
-            await asyncio.to_thread(self.services.classifiers.get, classifier)
+            self.services.classifiers.get(classifier, key)  # another key's: 404
 
     async def create(
         self,
