@@ -439,11 +439,23 @@ def test_keys_api_create_use_list_revoke(client: TestClient, admin_key: str) -> 
         {"scopes": ["predict"]},
         {"name": "x", "token_quota": -1},
         {"name": "x", "colour": "blue"},
+        {"name": "x", "models": []},  # once every model; now refused
     ],
 )
 def test_keys_api_validates(client: TestClient, admin_key: str, body: dict) -> None:
     r = client.post("/v1/keys", json=body, headers={"x-api-key": admin_key})
     assert r.status_code == 422
+
+
+def test_a_key_without_models_may_use_all_and_one_with_a_list_only_those(
+    client: TestClient, admin_key: str
+) -> None:
+    admin = {"x-api-key": admin_key}
+    every = client.post("/v1/keys", json={"name": "a", "models": None}, headers=admin).json()
+    assert every["models"] == ["*"]
+    one = client.post("/v1/keys", json={"name": "b", "models": ["tiny-cls"]}, headers=admin)
+    assert embed(client, one.json()["key"], "hi").status_code == 403
+    assert embed(client, every["key"], "hi").status_code == 200
 
 
 def test_keys_api_needs_admin(client: TestClient, predict_key: str) -> None:

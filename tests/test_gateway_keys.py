@@ -57,3 +57,11 @@ def test_revoking_an_unknown_id_is_an_error(tmp_path: Path) -> None:
 def test_admin_scope_implies_the_others(tmp_path: Path) -> None:
     key, _ = KeyStore(tmp_path / "keys.json").create("a", ["admin"])
     assert key.allows_scope("predict") and key.allows_scope("jobs")
+
+
+def test_an_empty_model_list_is_refused_not_all_models(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.json")
+    with pytest.raises(KeyStoreError, match="models"):
+        store.create("a", ["predict"], models=[])
+    assert store.create("b", ["predict"])[0].models == ["*"]
+    assert store.create("c", ["predict"], models=["tiny"])[0].models == ["tiny"]

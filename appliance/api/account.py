@@ -20,7 +20,8 @@ from appliance.gateway.usage import UsageLog
 class KeyCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
     scopes: list[str] = msgspec.field(default_factory=lambda: ["predict"])
-    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    models: list[str] | None = None
+    """Model slugs this key may use, or ["*"]; absent/null: all. An empty list is a 422."""
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     token_quota: int | None = None
@@ -58,7 +59,8 @@ async def create_key(data: KeyCreate, keys: KeyStore) -> dict[str, Any]:
             expires_at=data.expires_at.isoformat() if data.expires_at else None,
         )
     except KeyStoreError as exc:
-        raise ValidationFailed(str(exc), details={"field": "scopes"}) from None
+        field = "models" if str(exc).startswith("models") else "scopes"
+        raise ValidationFailed(str(exc), details={"field": field}) from None
     return {**key.public(), "key": secret}
 
 

@@ -127,18 +127,23 @@ class KeyStore:
         tokens_per_minute: int | None = None,
         token_quota: int | None = None,
         expires_at: str | None = None,
+        secret: str | None = None,
     ) -> tuple[ApiKey, str]:
-        """Add a key; returns it and its secret, which is not stored anywhere."""
+        """Add a key; returns it and its secret, which is not stored anywhere. `secret` is for
+        an operator-provided admin key (auth.admin_key_file); otherwise one is generated."""
         bad = [s for s in scopes if s not in SCOPES]
         if bad or not scopes:
             raise KeyStoreError(f"scopes must be among {', '.join(SCOPES)}; got {scopes}")
-        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        if models is not None and not models:
+            # An empty allowlist used to mean "every model": refuse it rather than guess.
+            raise KeyStoreError("models must name at least one model (or *); omit it for all")
+        secret = secret or SECRET_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(
             id="key_" + secrets.token_hex(8),
             name=name,
             hash=hash_secret(secret),
             scopes=list(dict.fromkeys(scopes)),
-            models=models or ["*"],
+            models=["*"] if models is None else list(dict.fromkeys(models)),
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
             token_quota=token_quota,
