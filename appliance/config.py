@@ -79,6 +79,10 @@ class AuthConfig(_Section):
     """API keys file, relative to data_dir unless absolute. Secrets are stored hashed."""
     bootstrap_admin_key: bool = True
     """When no key exists, create an admin key at start and write it to data_dir/admin.key."""
+    admin_key_file: str = ""
+    """A file holding an admin key secret (e.g. a mounted Kubernetes Secret): read at start and,
+    if no key has that secret yet, added as an admin key (stored hashed; the file is only read).
+    Set, it replaces the generated first-start key. Empty: off."""
     open_metrics: bool = True
     """Serve /metrics without a key (false: it needs an admin key)."""
 
