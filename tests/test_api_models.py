@@ -154,3 +154,17 @@ def test_task_api_model_routes(serve, models_dir, tmp_path) -> None:  # type: ig
         "/api/v1/models/tiny-tags/predict", json={"input": {"text": "x"}}, headers=predict
     )
     assert ok.status_code == 200
+
+
+def test_model_lists_and_details_follow_the_keys_allowlist(client: TestClient) -> None:
+    key = client.keys.create("k", ["predict"], models=["tiny-embed"])[1]  # type: ignore[attr-defined]
+    headers = {"x-api-key": key}
+    for path in ("/v1/models", "/api/v1/models"):
+        assert [m["slug"] for m in client.get(path, headers=headers).json()["data"]] == [
+            "tiny-embed"
+        ]
+    assert [m["name"] for m in client.get("/models", headers=headers).json()] == ["tiny-embed"]
+    assert client.get("/api/v1/models/tiny-embed", headers=headers).status_code == 200
+    for path in ("/api/v1/models/tiny-cls", "/v1/models/tiny-cls", "/models/tiny-cls"):
+        r = client.get(path, headers=headers)
+        assert r.status_code == 404 and r.json()["code"] == "MODEL_NOT_FOUND", path

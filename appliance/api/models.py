@@ -20,7 +20,8 @@ from appliance.api.schemas import (
     PredictMeta,
     PredictResponse,
 )
-from appliance.errors import BatchNotSupported, request_id_of
+from appliance.errors import BatchNotSupported, ModelNotFound, request_id_of
+from appliance.gateway.auth import current_key
 from appliance.inference import Inference
 from appliance.models.builds import Builds
 from appliance.models.registry import ModelEntry, Registry
@@ -52,6 +53,20 @@ TASK_ENDPOINTS = {
 
 def _code(slug: str) -> str:
     return slug.upper().replace("-", "_")
+
+
+def _visible(request: Request[Any, Any, Any], registry: Registry) -> list[ModelEntry]:
+    """A key limited to some models sees only those (admins see all: their scope allows it)."""
+    key = current_key(request)
+    return [e for e in registry.entries() if key.allows_model(e.slug)]
+
+
+def _allowed(request: Request[Any, Any, Any], registry: Registry, ref: str) -> ModelEntry:
+    entry = registry.get(ref)
+    if not current_key(request).allows_model(entry.slug):
+        # The same 404 as an unknown model: a key does not learn what else is installed.
+        raise ModelNotFound(f"Model '{ref}' not found.", details={"model": ref})
+    return entry
 
 
 def summary(entry: ModelEntry) -> ModelSummary:
@@ -101,9 +116,11 @@ def detail(entry: ModelEntry) -> ModelDetail:
 
 
 @get(["/api/v1/models", "/v1/models"], opt={"scope": "predict"}, tags=["models"])
-async def list_models(registry: Registry, include_global: bool = True) -> ModelList:
+async def list_models(
+    request: Request[Any, Any, Any], registry: Registry, include_global: bool = True
+) -> ModelList:
     """Models installed on this appliance, including ones that failed to load (with why)."""
-    return ModelList(data=[summary(e) for e in registry.entries()])
+    return ModelList(data=[summary(e) for e in _visible(request, registry)])
 
 
 @get(
@@ -111,9 +128,11 @@ async def list_models(registry: Registry, include_global: bool = True) -> ModelL
     opt={"scope": "predict"},
     tags=["models"],
 )
-async def get_model(slug: str, registry: Registry) -> ModelDetailEnvelope:
+async def get_model(
+    request: Request[Any, Any, Any], slug: str, registry: Registry
+) -> ModelDetailEnvelope:
     """One model's details, example payload and the fidelity measured at export."""
-    return ModelDetailEnvelope(data=detail(registry.get(slug)))
+    return ModelDetailEnvelope(data=detail(_allowed(request, registry, slug)))
 
 
 @post(
@@ -184,16 +203,20 @@ def task_api_model(entry: ModelEntry, *, detailed: bool = False) -> dict[str, An
 
 
 @get("/models", opt={"scope": "predict"}, tags=["tasks"])
-async def task_api_models(registry: Registry, include_global: bool = True) -> list[dict[str, Any]]:
+async def task_api_models(
+    request: Request[Any, Any, Any], registry: Registry, include_global: bool = True
+) -> list[dict[str, Any]]:
     """Models as the task API lists them: [{id, name, description, tasks, build_status,
     last_deployment}]."""
-    return [task_api_model(e) for e in registry.entries()]
+    return [task_api_model(e) for e in _visible(request, registry)]
 
 
 @get("/models/{model:str}", opt={"scope": "predict"}, tags=["tasks"])
-async def task_api_model_detail(model: str, registry: Registry) -> dict[str, Any]:
+async def task_api_model_detail(
+    request: Request[Any, Any, Any], model: str, registry: Registry
+) -> dict[str, Any]:
     """One model, with its build message."""
-    return task_api_model(registry.get(model), detailed=True)
+    return task_api_model(_allowed(request, registry, model), detailed=True)
 
 
 @delete("/models/{model:str}", opt={"scope": "admin"}, tags=["tasks"], status_code=200)

@@ -20,14 +20,16 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz", tags=["operations"])
 async def readyz(registry: Registry, lifecycle: Lifecycle) -> Response[dict[str, Any]]:
-    """200 once start-up has loaded and warmed the models. Models that failed are listed with
-    the reason (the others serve: status "degraded"); 503 before start-up ends, when no model
-    can serve, or once shutdown has begun (so load balancers stop sending first)."""
+    """200 once start-up has loaded and warmed the models. Models that failed are listed
+    with their status only, the reason is in the log (the others serve: status "degraded");
+    503 before start-up ends, when no model can serve, or once shutdown has begun (so load
+    balancers stop sending first)."""
     models = [
         {
             "slug": e.slug,
             "status": e.status,
-            **({"message": e.message} if e.message else {}),
+            # No e.message: it can hold paths and exception text, and /readyz needs no key.
+            # It is in the log and, for admins, in GET /v1/models/{slug} (build_message).
             # models.lazy: verified and ready to serve, opened at its first request.
             **({"loaded": False} if e.is_active and e.runner is None else {}),
         }
