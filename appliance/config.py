@@ -158,6 +158,14 @@ class Settings(_Section):
     """All state: keys, cache, usage, jobs. Override: APPLIANCE_DATA_DIR."""
     models_dir: str = DEFAULT_DIRS["models_dir"]
     """Exported models, one folder each. Override: APPLIANCE_MODELS_DIR."""
+    max_jobs_per_key: Positive = 20
+    """Jobs one key may keep (any status); creating one more gets 429 TOO_MANY_JOBS."""
+    max_bytes_per_key: Positive = 20 * 1024**3
+    """Uploaded bytes one key's kept jobs may hold together; over it: 413 JOB_STORAGE_EXCEEDED."""
+    min_free_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024**3
+    """Free disk kept in reserve: an upload that would eat into it gets 507 INSUFFICIENT_STORAGE."""
+    retention_days: Annotated[float, msgspec.Meta(gt=0)] = 7
+    """Finished (completed, failed, cancelled) jobs and their files are removed after this."""
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)

@@ -80,6 +80,10 @@ class PayloadTooLarge(ApplianceError):
     status_code, code, default_message = 413, "PAYLOAD_TOO_LARGE", "Request body too large."
 
 
+class JobStorageExceeded(PayloadTooLarge):
+    code = "JOB_STORAGE_EXCEEDED"
+
+
 class ValidationFailed(ApplianceError):
     status_code, code, default_message = 422, "VALIDATION_ERROR", "Invalid request body."
 
@@ -101,8 +105,20 @@ class RateLimited(ApplianceError):
     status_code, code, default_message = 429, "RATE_LIMIT_EXCEEDED", "Rate limit exceeded."
 
 
+class TooManyJobs(ApplianceError):
+    status_code, code, default_message = 429, "TOO_MANY_JOBS", "This key keeps too many jobs."
+
+
+class ExportUnavailable(ApplianceError):
+    status_code, code, default_message = 501, "EXPORT_UNAVAILABLE", "Cannot export checkpoints."
+
+
 class Overloaded(ApplianceError):
     status_code, code, default_message = 503, "OVERLOADED", "The server is overloaded; retry."
+
+
+class InsufficientStorage(ApplianceError):
+    status_code, code, default_message = 507, "INSUFFICIENT_STORAGE", "The disk is nearly full."
 
 
 class ModelUnavailable(ApplianceError):

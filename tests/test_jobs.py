@@ -368,6 +368,106 @@ def test_409_over_the_running_jobs_limit(serve, models_dir: Path) -> None:  # ty
     assert done.status_code == 409 and done.json()["details"]["status"] == "completed"
 
 
+def test_429_at_the_21st_job_of_a_key(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(models_dir)
+    key, other = new_key(client), new_key(client)
+    ids = [create(client, key, texts(1), "/v1/text-vectorisation")["id"] for _ in range(20)]
+    r = client.post(
+        "/v1/batch",
+        params={"endpoint": "/v1/text-vectorisation"},
+        content=texts(1),
+        headers={**auth(key), **NDJSON},
+    )
+    assert r.status_code == 429, r.text
+    assert r.json()["code"] == "TOO_MANY_JOBS"
+    assert r.json()["details"] == {"jobs": 20, "max_jobs_per_key": 20}
+    assert len(list((client.data_dir / "jobs").iterdir())) == 20  # type: ignore[attr-defined]
+    create(client, other, texts(1), "/v1/text-vectorisation")  # another key has its own count
+    client.delete(f"/v1/batch/{ids[0]}", headers=auth(key))
+    create(client, key, texts(1), "/v1/text-vectorisation")
+
+
+def test_a_key_byte_budget_refuses_the_upload_that_would_pass_it(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(models_dir, APPLIANCE_JOBS__MAX_BYTES_PER_KEY="3000")
+    key = new_key(client)
+    body = texts(60)
+    assert 1500 < len(body) < 3000
+    create(client, key, body, "/v1/text-vectorisation")
+    url, params = "/v1/batch", {"endpoint": "/v1/text-vectorisation"}
+    announced = client.post(url, params=params, content=body, headers={**auth(key), **NDJSON})
+    assert announced.status_code == 413, announced.text
+    assert announced.json()["code"] == "JOB_STORAGE_EXCEEDED"
+    assert announced.json()["details"]["used_bytes"] == len(body)
+    assert announced.json()["details"]["max_bytes_per_key"] == 3000
+
+    def pieces() -> Iterator[bytes]:  # chunked: no Content-Length, caught while streaming
+        for i in range(0, len(body), 100):
+            yield body[i : i + 100]
+
+    streamed = client.post(url, params=params, content=pieces(), headers={**auth(key), **NDJSON})
+    assert streamed.status_code == 413 and streamed.json()["code"] == "JOB_STORAGE_EXCEEDED"
+    assert len(list((client.data_dir / "jobs").iterdir())) == 1  # type: ignore[attr-defined]
+    assert create(client, new_key(client), body, "/v1/text-vectorisation")["total"] == 60
+
+
+def test_507_when_the_disk_is_nearly_full(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(models_dir, APPLIANCE_JOBS__MIN_FREE_BYTES=str(1 << 62))  # > any free space
+    key = new_key(client)
+    url, params = "/v1/batch", {"endpoint": "/v1/text-vectorisation"}
+    r = client.post(url, params=params, content=texts(5), headers={**auth(key), **NDJSON})
+    assert r.status_code == 507, r.text
+    assert r.json()["code"] == "INSUFFICIENT_STORAGE"
+    assert r.json()["details"]["min_free_bytes"] == 1 << 62
+    assert not (client.data_dir / "jobs").exists() or not any((client.data_dir / "jobs").iterdir())  # type: ignore[attr-defined]
+
+
+def test_the_disk_check_runs_while_the_upload_streams_and_leaves_nothing(
+    serve,
+    models_dir: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    client = serve(models_dir, APPLIANCE_JOBS__MIN_FREE_BYTES="1000000")
+    manager = client.app.dependencies["jobs"].dependency()  # type: ignore[attr-defined]
+    # 5 MB free over a 1 MB reserve: room for a small job, not for a 6 MB one whose size
+    # (chunked, no Content-Length) is only known as it streams in.
+    manager.free_bytes = lambda: 5_000_000
+    key = new_key(client)
+    small = create(client, key, texts(10), "/v1/text-vectorisation")
+    block = texts(40_000)  # ~1.2 MB
+
+    def pieces() -> Iterator[bytes]:
+        for _ in range(5):
+            yield block
+
+    url, params = "/v1/batch", {"endpoint": "/v1/text-vectorisation"}
+    r = client.post(url, params=params, content=pieces(), headers={**auth(key), **NDJSON})
+    assert r.status_code == 507, r.text
+    assert r.json()["code"] == "INSUFFICIENT_STORAGE"
+    assert r.json()["details"] == {"free_bytes": 5_000_000, "min_free_bytes": 1_000_000}
+    assert [p.name for p in (client.data_dir / "jobs").iterdir()] == [small["id"]]  # type: ignore[attr-defined]
+
+
+def test_retention_removes_old_finished_jobs_and_their_files(client: TestClient) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    manager = client.app.dependencies["jobs"].dependency()  # type: ignore[attr-defined]
+    key = new_key(client)
+    done, _ = run(client, key, texts(3), "/v1/text-vectorisation", model="tiny-embed")
+    kept = create(client, key, texts(3), "/v1/text-vectorisation")  # never finished: kept
+    jobs = client.data_dir / "jobs"  # type: ignore[attr-defined]
+    finished = datetime.fromisoformat(done["finished_at"])
+    portal = client.blocking_portal  # type: ignore[attr-defined]
+    manager.clock = lambda: finished + timedelta(days=6, hours=23)
+    assert portal.call(manager.sweep) == []
+    assert (jobs / done["id"]).is_dir()
+    manager.clock = lambda: finished + timedelta(days=7, seconds=1)
+    assert portal.call(manager.sweep) == [done["id"]]
+    assert not (jobs / done["id"]).exists()
+    assert client.get(f"/v1/batch/{done['id']}", headers=auth(key)).status_code == 404
+    manager.clock = lambda: datetime.now(timezone.utc) + timedelta(days=365)
+    assert portal.call(manager.sweep) == []
+    assert status(client, key, kept["id"])["status"] == "created"
+
+
 def test_other_keys_cannot_see_or_touch_a_job_but_admin_can(client: TestClient) -> None:
     owner, other = new_key(client), new_key(client)
     admin = new_key(client, ["admin"])

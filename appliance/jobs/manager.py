@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -21,8 +23,11 @@ from appliance.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    InsufficientStorage,
+    JobStorageExceeded,
     NotFound,
     PayloadTooLarge,
+    TooManyJobs,
     ValidationFailed,
     error_body,
 )
@@ -39,6 +44,8 @@ log = logging.getLogger("appliance.jobs")
 WRITE_BLOCK = 1 << 20  # the upload reaches the disk in blocks of about this many bytes
 # Bodies that are not raw NDJSON (a form upload would store its envelope as lines).
 REFUSED_CONTENT_TYPES = ("multipart/", "application/x-www-form-urlencoded")
+FINISHED = ("completed", "failed", "cancelled")
+SWEEP_EVERY_SECONDS = 3600.0  # retention is counted in days: an hourly sweep is precise enough
 
 
 class JobManager:
@@ -66,6 +73,16 @@ class JobManager:
         )
         self.jobs: dict[str, Job] = {}
         self._starting = asyncio.Lock()
+        # Injectable for tests: the retention clock and the free space of the jobs' disk.
+        self.clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+        self.free_bytes: Callable[[], int] = self._disk_free
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _disk_free(self) -> int:
+        folder = self.store.root
+        while not folder.exists() and folder != folder.parent:  # before the first job
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -76,10 +93,39 @@ class JobManager:
             if job.state.status == "running":
                 log.info("job %s resumes at line %d", job.state.id, job.state.next_line)
                 self._launch(job)
+        await self.sweep()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_SECONDS)
+            try:
+                await self.sweep()
+            except OSError:  # a full or read-only disk: try again at the next sweep
+                log.exception("jobs retention sweep failed")
+
+    async def sweep(self) -> list[str]:
+        """Remove finished jobs older than jobs.retention_days, files and all; their ids."""
+        cutoff = self.clock() - timedelta(days=self.settings.jobs.retention_days)
+        old = [
+            job_id
+            for job_id, job in self.jobs.items()
+            if job.state.status in FINISHED
+            and job.task is None
+            and datetime.fromisoformat(job.state.finished_at or job.state.created_at) < cutoff
+        ]
+        for job_id in old:
+            self.jobs.pop(job_id, None)
+            await asyncio.to_thread(self.store.delete, job_id)
+            log.info("job %s removed: finished before %s", job_id, cutoff.isoformat())
+        return old
 
     async def stop(self) -> None:
         """Let running jobs checkpoint their current chunk (bounded by
         jobs.stop_timeout_seconds), then stop them; they resume at the next start."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         tasks = [job.task for job in self.jobs.values() if job.task is not None]
         for job in self.jobs.values():
             job.stopping = True
@@ -172,6 +218,10 @@ class JobManager:
         cap = self.settings.jobs.max_upload_bytes
         if content_length is not None and content_length > cap:
             raise self._too_large(cap)
+        cap = min(cap, self._check_key_limits(key))
+        if content_length is not None and content_length > cap:
+            raise self._over_budget(key, content_length)
+        self._check_disk(content_length or 0)
         job_id = "batch_" + secrets.token_hex(8)
         upload = await asyncio.to_thread(self.store.begin_upload, job_id)
         try:
@@ -180,12 +230,17 @@ class JobManager:
             async for piece in body:
                 size += len(piece)
                 if size > cap:
+                    if cap < self.settings.jobs.max_upload_bytes:
+                        raise self._over_budget(key, size)
                     raise self._too_large(cap)
                 pending += piece
                 if len(pending) >= WRITE_BLOCK:
+                    # A disk filling up under the upload stops it before the disk is full.
+                    await asyncio.to_thread(self._check_disk, len(pending))
                     await asyncio.to_thread(upload.write, pending)
                     pending.clear()
             if pending:
+                await asyncio.to_thread(self._check_disk, len(pending))
                 await asyncio.to_thread(upload.write, pending)
             total = upload.counter.finish()
             if total == 0:
@@ -210,6 +265,40 @@ class JobManager:
         job = self.jobs[job_id] = Job(state)
         log.info("job %s created: %d lines for %s", job_id, total, path)
         return job
+
+    def _check_key_limits(self, key: ApiKey) -> int:
+        """429 when `key` keeps jobs.max_jobs_per_key jobs; else the bytes it may still upload."""
+        mine = [j for j in self.jobs.values() if j.state.key_id == key.id]
+        limit = self.settings.jobs.max_jobs_per_key
+        if len(mine) >= limit:
+            raise TooManyJobs(
+                f"This key keeps {len(mine)} batch jobs, the most allowed "
+                "(jobs.max_jobs_per_key); delete finished ones first.",
+                details={"jobs": len(mine), "max_jobs_per_key": limit},
+            )
+        used = sum(j.state.input_bytes for j in mine)
+        left = self.settings.jobs.max_bytes_per_key - used
+        if left <= 0:
+            raise self._over_budget(key, 0)
+        return left
+
+    def _over_budget(self, key: ApiKey, size: int) -> JobStorageExceeded:
+        budget = self.settings.jobs.max_bytes_per_key
+        used = sum(j.state.input_bytes for j in self.jobs.values() if j.state.key_id == key.id)
+        return JobStorageExceeded(
+            f"This key's batch jobs hold {used} bytes; with this upload they would pass "
+            f"{budget} bytes (jobs.max_bytes_per_key). Delete finished jobs first.",
+            details={"used_bytes": used, "upload_bytes": size, "max_bytes_per_key": budget},
+        )
+
+    def _check_disk(self, incoming: int) -> None:
+        """507 when writing `incoming` more bytes would leave less than jobs.min_free_bytes."""
+        free, reserve = self.free_bytes(), self.settings.jobs.min_free_bytes
+        if free - incoming < reserve:
+            raise InsufficientStorage(
+                "The server's disk is nearly full; the upload was refused.",
+                details={"free_bytes": free, "min_free_bytes": reserve},
+            )
 
     @staticmethod
     def _too_large(cap: int) -> PayloadTooLarge:
