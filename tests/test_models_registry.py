@@ -141,3 +141,64 @@ def test_a_lazy_model_that_cannot_open_is_a_503_then_failed(
     assert r.status_code == 503 and r.json()["code"] == "MODEL_UNAVAILABLE"
     status = {m["slug"]: m for m in client.get("/readyz").json()["models"]}
     assert status["tiny-embed"]["status"] == "fail"
+
+
+@pytest.mark.parametrize("escape", ["/etc/passwd", "../tiny-embed/model.onnx"])
+def test_a_manifest_path_outside_its_folder_is_a_broken_model(  # type: ignore[no-untyped-def]
+    serve, tmp_path: Path, models_dir: Path, escape: str
+) -> None:
+    import msgspec
+
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.copytree(models_dir / "tiny-embed", root / "tiny-embed")
+    shutil.copytree(models_dir / "tiny-cls", root / "tiny-cls")
+    raw = msgspec.json.decode((root / "tiny-cls" / "manifest.json").read_bytes())
+    raw["files"]["tokenizer"]["path"] = escape
+    (root / "tiny-cls" / "manifest.json").write_bytes(msgspec.json.encode(raw))
+    with pytest.raises(ManifestError, match="outside the model folder"):
+        read_manifest(root / "tiny-cls")
+
+    client: TestClient = serve(root)
+    headers = {"x-api-key": client.keys.create("k", ["predict"])[1]}
+    detail = client.get("/api/v1/models/tiny-cls", headers=headers).json()["data"]
+    assert detail["build_status"] == "fail"
+    assert "outside the model folder" in detail["build_message"]
+    r = client.post(
+        "/v1/text-vectorisation", json={"text": "hi", "model": "tiny-embed"}, headers=headers
+    )
+    assert r.status_code == 200
+
+
+def test_install_folder_exchanges_the_old_version_atomically(tmp_path: Path) -> None:
+    from appliance.models.manifest import _exchange, install_folder, old_folder
+
+    target, stage = tmp_path / "m", tmp_path / ".m.stage"
+    target.mkdir()
+    (target / "v").write_text("1")
+    stage.mkdir()
+    (stage / "v").write_text("2")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").touch()
+    assert _exchange(a, b), "renameat2(RENAME_EXCHANGE) is expected on this Linux host"
+    assert (b / "x").exists() and not (a / "x").exists()
+
+    install_folder(stage, target)
+    assert (target / "v").read_text() == "2"
+    assert not stage.exists() and not old_folder(target).exists()
+
+
+def test_an_interrupted_swap_is_recovered_at_scan(serve, tmp_path: Path, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    # The crash state of the two-rename fallback: the old version parked, no live folder.
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.copytree(models_dir / "tiny-embed", root / ".tiny-embed.old")
+    client: TestClient = serve(root)
+    headers = {"x-api-key": client.keys.create("k", ["predict"])[1]}
+    r = client.post(
+        "/v1/text-vectorisation", json={"text": "hi", "model": "tiny-embed"}, headers=headers
+    )
+    assert r.status_code == 200
+    assert (root / "tiny-embed").is_dir() and not (root / ".tiny-embed.old").exists()

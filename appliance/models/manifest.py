@@ -5,7 +5,11 @@ The exporter writes it; the registry refuses a folder whose files do not match i
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +116,19 @@ def read_manifest(folder: Path) -> Manifest:
             f"{path}: schema_version {manifest.schema_version} is newer than this appliance "
             f"understands ({SCHEMA_VERSION})"
         )
+    for role, entry in manifest.files.items():
+        inside(folder, entry.path, role)
     return manifest
+
+
+def inside(folder: Path, name: str, role: str = "file") -> Path:
+    """`folder / name`, refusing a name that leads out of the folder (absolute, `..`, or a
+    symlink pointing elsewhere): a manifest must not make the server open /etc/passwd."""
+    path = folder / name
+    base = folder.resolve()
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(base):
+        raise ManifestError(f"{role} file {name!r} is outside the model folder")
+    return path
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
@@ -125,7 +141,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 def verify(folder: Path, manifest: Manifest) -> None:
     """Raise ManifestError naming the first file that is missing or altered."""
     for role, entry in manifest.files.items():
-        path = folder / entry.path
+        path = inside(folder, entry.path, role)
         if not path.is_file():
             raise ManifestError(f"{role} file {entry.path} is missing")
         if path.stat().st_size != entry.size:
@@ -137,16 +153,66 @@ def verify(folder: Path, manifest: Manifest) -> None:
             raise ManifestError(f"{role} file {entry.path} does not match its sha256")
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step with renameat2(RENAME_EXCHANGE); False where the kernel,
+    libc or file system cannot (then the caller falls back to two renames)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def old_folder(target: Path) -> Path:
+    """Where install_folder parks the previous version of `target` between its two renames."""
+    return target.with_name(f".{target.name}.old")
+
+
 def install_folder(stage: Path, target: Path) -> None:
-    """Swap a complete model folder in by renames, so a reader never sees a half-written one;
-    a previous folder of the same name is replaced whole."""
+    """Swap a complete model folder in, so a reader never sees a half-written one and a
+    crash never leaves the model missing: one atomic exchange where Linux offers it, else
+    two renames whose crash window `recover_folders` repairs at the next start."""
     import shutil
 
-    old = target.with_name(f".{target.name}.old")
+    old = old_folder(target)
     if old.exists():
         shutil.rmtree(old)
+    if target.exists() and _exchange(stage, target):
+        shutil.rmtree(stage)  # now the previous version
+        return
     if target.exists():
         target.rename(old)
     stage.rename(target)
     if old.exists():
         shutil.rmtree(old)
+
+
+def recover_folders(models_dir: Path) -> list[str]:
+    """Put back a previous model folder left hidden by a crash between install_folder's two
+    renames (the live folder missing); returns the slugs restored."""
+    import shutil
+
+    restored = []
+    for old in models_dir.glob(".*.old"):
+        target = models_dir / old.name[1:-4]
+        if not old.is_dir() or not target.name:
+            continue
+        if target.exists():
+            shutil.rmtree(old)  # the swap completed; only the clean-up was lost
+        else:
+            old.rename(target)
+            restored.append(target.name)
+    return restored

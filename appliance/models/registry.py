@@ -21,7 +21,14 @@ from typing import Any
 from appliance.config import Settings
 from appliance.errors import ModelNotFound, ModelUnavailable
 from appliance.metrics import Metrics
-from appliance.models.manifest import MANIFEST_FILE, Manifest, ManifestError, read_manifest, verify
+from appliance.models.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    ManifestError,
+    read_manifest,
+    recover_folders,
+    verify,
+)
 from appliance.runtime.batcher import Batcher
 from appliance.runtime.session import ARENA_TASKS, create_session, plan_streams
 from appliance.tasks import Runner, build_runner
@@ -164,6 +171,9 @@ class Registry:
     def scan(self) -> list[ModelEntry]:
         if not self.models_dir.is_dir():
             log.warning("models dir %s does not exist", self.models_dir)
+        else:
+            for slug in recover_folders(self.models_dir):
+                log.warning("model %s restored from its previous version (swap interrupted)", slug)
         entries = []
         for folder in self._folders():
             self._seen[folder] = _version(folder)
