@@ -498,3 +498,33 @@ def test_limits_changed_by_the_cli_apply_to_a_running_server(client: TestClient)
     r = embed(client, secret, "b")
     assert r.headers["x-ratelimit-limit-requests"] == "5"
     assert client.get("/v1/balance", headers={"x-api-key": secret}).json()["token_quota"] == 50
+
+
+def test_quota_spend_survives_kill_9(tmp_path: Path) -> None:
+    """Spend is committed as it is reserved, not by the usage queue: a process killed -9
+    right after charging (its queue never written) still counts it after a restart."""
+    import signal
+    import subprocess
+    import sys
+
+    from appliance.gateway.usage import UsageLog
+
+    path = tmp_path / "usage.db"
+    child = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from appliance.gateway.usage import UsageLog\n"
+        f"log = UsageLog(Path({str(path)!r}), retention_days=1)\n"
+        "log.start()\n"
+        "log.reserve('key_a', 1000, 300)\n"
+        "log.refund('key_a', 50)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], cwd=Path(__file__).parent.parent)
+    assert done.returncode == -signal.SIGKILL
+    log = UsageLog(path, retention_days=1)
+    log.start()
+    try:
+        assert log.spent("key_a") == 250
+    finally:
+        log.stop()

@@ -1,6 +1,7 @@
 """Usage: every request recorded in an embedded SQLite database (WAL), written by one
-background thread so that logging never slows or fails a request; per-key token spend for
-quotas is kept in memory and persisted by the same thread."""
+background thread so that logging never fails a request (a full queue makes it wait up to
+RECORD_WAIT_SECONDS); per-key token spend for quotas is kept in memory and committed to its
+own table by the request itself, so neither a full queue nor kill -9 loses it."""
 
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ class Record:
 
 
 _STOP = object()
+RECORD_WAIT_SECONDS = 1.0
+"""How long a request waits for room in a full usage queue before its record is dropped
+(counted in `dropped` and logged)."""
 
 
 class UsageLog:
@@ -61,6 +65,9 @@ class UsageLog:
         self._thread: threading.Thread | None = None
         self._spent: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Spend is written by the request path itself, not the queue: a full queue or a
+        # kill -9 must not lose what quotas count (see _charge).
+        self._spend_conn: sqlite3.Connection | None = None
         self.dropped = 0
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -76,6 +83,7 @@ class UsageLog:
         conn.executescript(SCHEMA)
         self._spent = dict(conn.execute("SELECT key_id, tokens FROM spend").fetchall())
         conn.close()
+        self._spend_conn = self._connect()
         self._thread = threading.Thread(target=self._writer, name="usage-writer", daemon=True)
         self._thread.start()
 
@@ -85,6 +93,10 @@ class UsageLog:
             self._queue.put(_STOP)
             self._thread.join(timeout=30)
             self._thread = None
+        if self._spend_conn is not None:
+            with self._lock:
+                self._spend_conn.close()
+                self._spend_conn = None
 
     def _writer(self) -> None:
         conn = self._connect()
@@ -126,21 +138,13 @@ class UsageLog:
             ":latency_ms, :tokens, :cached, :request_id)",
             [asdict(r) for r in batch],
         )
-        spend: dict[str, int] = {}
-        for r in batch:
-            if r.key_id and r.tokens:
-                spend[r.key_id] = spend.get(r.key_id, 0) + r.tokens
-        conn.executemany(
-            "INSERT INTO spend (key_id, tokens) VALUES (?, ?) "
-            "ON CONFLICT(key_id) DO UPDATE SET tokens = tokens + excluded.tokens",
-            list(spend.items()),
-        )
         conn.commit()
 
     # ---- request path (never blocks) -----------------------------------------------------
     def record(self, record: Record) -> None:
         try:
-            self._queue.put_nowait(record)
+            # Full means the disk lags: wait for it briefly rather than lose the record.
+            self._queue.put(record, timeout=RECORD_WAIT_SECONDS)
         except queue.Full:
             self.dropped += 1
             if self.dropped % 1000 == 1:
@@ -161,10 +165,28 @@ class UsageLog:
                     details={"token_quota": quota, "spent": spent, "needed": tokens},
                 )
             self._spent[key_id] = spent + tokens
+            self._charge(key_id, tokens)
 
     def refund(self, key_id: str, tokens: int) -> None:
         with self._lock:
             self._spent[key_id] = self._spent.get(key_id, 0) - tokens
+            self._charge(key_id, -tokens)
+
+    def _charge(self, key_id: str, tokens: int) -> None:
+        """Commit a spend change before the request goes on. WAL with synchronous=NORMAL: a
+        commit survives kill -9 of the process (it is in the OS's page cache), only a power
+        loss can undo the last moments. One small transaction, tens of microseconds."""
+        if self._spend_conn is None or not tokens:
+            return
+        try:
+            self._spend_conn.execute(
+                "INSERT INTO spend (key_id, tokens) VALUES (?, ?) "
+                "ON CONFLICT(key_id) DO UPDATE SET tokens = tokens + excluded.tokens",
+                (key_id, tokens),
+            )
+            self._spend_conn.commit()
+        except sqlite3.Error as exc:  # the in-memory count still holds the quota this run
+            log.warning("spend write failed for %s: %s", key_id, exc)
 
     # ---- queries (blocking: run in a thread) ---------------------------------------------
     def usage(self, key_id: str | None, since: float, until: float) -> list[dict[str, Any]]:
