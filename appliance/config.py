@@ -92,6 +92,13 @@ class LimitsConfig(_Section):
     """Default per-key request rate (a key's own limit overrides it)."""
     tokens_per_minute: Positive = 1_000_000
     """Default per-key tokenizer-token rate (a key's own limit overrides it)."""
+    max_generation_positions: Positive = 16_384
+    """Most key/value-cache positions one generation or summarisation request may hold: the
+    sum over its inputs of rows (num_beams, or num_generations without beams) times (prompt
+    tokens + max_length). Checked after tokenising, before any model call (422 over it).
+    16384 is two full 8192-token contexts of the default SmolLM2-135M (45 KB of float32
+    cache per position: about 750 MB at the limit); 16 beams over a 6,000-token prompt need
+    ~112,000."""
 
 
 class CacheConfig(_Section):

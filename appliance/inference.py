@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import LimitsConfig
-from appliance.errors import Forbidden, WrongTask
+from appliance.errors import Forbidden, ValidationFailed, WrongTask
 from appliance.gateway.cache import ResponseCache, cache_key
 from appliance.gateway.keys import ApiKey
 from appliance.gateway.ratelimit import LimitState, RateLimiter
@@ -64,6 +64,9 @@ class Call:
     model: str | None = None
     tokens: int = 0
     cache_status: str | None = None
+    settled: asyncio.Future[None] | None = None
+    """A stream's tokens are known only once its generation ends, which can be after the
+    client went away: the request recorder waits for this before recording `tokens`."""
 
     @classmethod
     def for_request(cls, key: ApiKey, cache_control: str = "") -> Call:
@@ -106,6 +109,23 @@ class Inference:
             key.requests_per_minute or self.limits.requests_per_minute,
             key.tokens_per_minute or self.limits.tokens_per_minute,
         )
+
+    def check_budget(self, runner: Any, prepared: Sequence[Any]) -> None:
+        """Refuse (422) a generation whose worst-case cache positions exceed the budget,
+        before any model work: rows x positions is what its memory and time grow with."""
+        positions = getattr(runner, "positions", None)
+        if positions is None:
+            return
+        needed = sum(positions(p) for p in prepared)
+        budget = self.limits.max_generation_positions
+        if needed > budget:
+            fields = list(runner.budget_fields)
+            raise ValidationFailed(
+                f"This request may need {needed} cache positions (rows: num_beams or "
+                f"num_generations, times prompt tokens + max_length, over its texts); the "
+                f"limit is {budget}. Lower {', '.join(fields[1:])} or shorten the text.",
+                details={"fields": fields, "positions": needed, "max_positions": budget},
+            )
 
     def model_for(
         self,
@@ -227,6 +247,7 @@ class Inference:
         assert runner is not None and batcher is not None
         rpm, tpm = self._rates(key)
         prepared = await _prepare(runner, inputs, truncate)
+        self.check_budget(runner, prepared)
         costs = [runner.cost(p) for p in prepared]
         reserved = sum(costs)
         self.usage.reserve(key.id, key.token_quota, reserved)
@@ -265,8 +286,6 @@ class Inference:
         "error": exception}. Closing the iterator early stops the model's work on the input."""
         import threading
 
-        from appliance.errors import ValidationFailed
-
         key = call.key
         rpm, tpm = self._rates(key)
         limits = self.limiter.admit_request(key.id, rpm, tpm)
@@ -282,6 +301,7 @@ class Inference:
             )
         item = runner.parse_input(payload)
         [prepared] = await _prepare(runner, [item], truncate)
+        self.check_budget(runner, [prepared])
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         cancelled = threading.Event()
@@ -297,21 +317,32 @@ class Inference:
             self.usage.refund(key.id, reserved)
             raise
         limits = self.limiter.state(key.id, rpm, tpm)
+        call.settled = loop.create_future()
 
         def settle(used: int) -> None:
+            if call.settled is None or call.settled.done():
+                return
             call.tokens = used
             if used != reserved:
                 self.usage.refund(key.id, reserved - used)
                 self.limiter.settle_tokens(key.id, tpm, used - reserved)
+            call.settled.set_result(None)
 
         def settle_late(task: asyncio.Future[Any]) -> None:
+            if call.settled is None or call.settled.done():
+                return
             if task.cancelled() or task.exception() is not None:
                 settle(0)
             else:
                 settle(runner.postprocess(prepared, task.result()[0]).tokens)
 
+        # Submitted now, not when the events are first read: the work is settled (and the
+        # request recorded) when it ends however the response goes, even a response that is
+        # dropped before it starts.
+        task = asyncio.ensure_future(batcher.submit([prepared], [reserved]))
+        task.add_done_callback(settle_late)
+
         async def events() -> Any:
-            task = asyncio.ensure_future(batcher.submit([prepared], [reserved]))
             try:
                 while not task.done():
                     getter = asyncio.ensure_future(pieces.get())
@@ -334,6 +365,5 @@ class Inference:
             finally:
                 if not task.done():  # the client went away: stop generating, bill what ran
                     cancelled.set()
-                    task.add_done_callback(settle_late)
 
         return entry, limits, events()

@@ -457,3 +457,127 @@ def test_real_smollm2_int8_follows_pytorch_and_writes_english(
     assert len(words) >= 8 and sum(w.strip(".,;:!?'\"()").isalpha() for w in words) >= 0.7 * len(
         words
     )
+
+
+# ---- cost bounded before work starts ---------------------------------------------------------
+
+
+def test_oversized_generation_is_refused_before_any_model_work(
+    serve: Callable[..., TestClient], gen_models: Path
+) -> None:
+    import time
+
+    # The tiny models hold 128 positions, so a small budget stands in for the default's 16384.
+    client = serve(gen_models, APPLIANCE_LIMITS__MAX_GENERATION_POSITIONS="100")
+    key = client.keys.create("big", ["predict"], token_quota=100_000)[1]  # type: ignore[attr-defined]
+    auth = {"x-api-key": key}
+    body = {"text": "the weather " * 30, "model": "tiny-gpt2", "num_beams": 16}
+    start = time.perf_counter()
+    r = client.post(URL, json={**body, "max_length": 60, "min_length": 60}, headers=auth)
+    took = time.perf_counter() - start
+    assert r.status_code == 422, r.text
+    error = r.json()
+    assert error["code"] == "VALIDATION_ERROR"
+    assert {"text", "max_length", "num_beams", "num_generations"} <= set(error["details"]["fields"])
+    assert error["details"]["positions"] > error["details"]["max_positions"] == 100
+    assert took < 1.0
+    # A stream is refused the same way, before its events start.
+    streamed = {**body, "num_beams": 1, "max_length": 100, "stream": True}
+    with client.stream("POST", URL, json=streamed, headers=auth) as s:
+        assert s.status_code == 422
+        assert "max_length" in json.loads(s.read())["details"]["fields"]
+    small = {"text": "Hello", "model": "tiny-gpt2", "num_beams": 2, "max_length": 5}
+    assert client.post(URL, json=small, headers=auth).status_code == 200
+
+
+def test_every_beam_and_generation_is_charged(gen: tuple[TestClient, dict[str, str]]) -> None:
+    body = {"text": PROMPTS[1], "model": "tiny-llama", "max_length": 6, "min_length": 6}
+    one = post(gen, body)
+    beams = post(gen, {**body, "num_beams": 4})
+    sampled = post(gen, {**body, "num_generations": 3, "seed": 1, "temperature": 1.0})
+    assert one.status_code == beams.status_code == sampled.status_code == 200
+    tokens = int(one.headers["x-tokens-used"])
+    assert int(beams.headers["x-tokens-used"]) == 4 * tokens
+    assert int(sampled.headers["x-tokens-used"]) == 3 * tokens
+
+
+def test_a_dropped_stream_records_its_real_tokens(
+    serve: Callable[..., TestClient], gen_models: Path
+) -> None:
+    import sqlite3
+    import time
+
+    import anyio
+
+    client = serve(gen_models)
+    record, key = client.keys.create("drop", ["predict"], token_quota=100_000)  # type: ignore[attr-defined]
+    body = json.dumps(
+        {
+            "text": "Hello",
+            "model": "tiny-gpt2",
+            "max_length": 120,
+            "min_length": 120,
+            "stream": True,
+        }
+    ).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": URL,
+        "raw_path": URL.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-api-key", key.encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "state": {},
+    }
+
+    async def hang_up_after_the_first_piece() -> list[bytes]:
+        """The ASGI conversation of a client that reads one event and goes away."""
+        first, chunks = anyio.Event(), []
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                return pending.pop()
+            await first.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                first.set()
+
+        await client.app(scope, receive, send)
+        return chunks
+
+    chunks = client.blocking_portal.call(hang_up_after_the_first_piece)  # type: ignore[attr-defined]
+    assert chunks and b"event: piece" in chunks[0]
+    assert not any(b"event: done" in c for c in chunks)  # it really was dropped mid-way
+    db = client.data_dir / "usage.db"  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    row = spend = None
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute(
+                "SELECT tokens FROM requests WHERE key_id = ? AND endpoint LIKE '%generation'",
+                (record.id,),
+            ).fetchone()
+            spend = conn.execute(
+                "SELECT tokens FROM spend WHERE key_id = ?", (record.id,)
+            ).fetchone()
+        if row is not None:
+            break
+        time.sleep(0.05)
+    # The prompt and what ran before the model saw the cancel: in usage.db, and its spend
+    # (what the quota restarts from).
+    assert row is not None and row[0] > 1, row
+    assert spend is not None and spend[0] == row[0]

@@ -39,7 +39,16 @@ def request_recorder(usage: UsageLog, metrics: Metrics) -> Any:
                 await app(scope, receive, capture)
             finally:
                 seconds = time.perf_counter() - start
-                observe(scope, status, seconds, usage, metrics)
+                call = scope.get("state", {}).get("call")
+                settled = getattr(call, "settled", None)
+                if settled is not None and not settled.done():
+                    # A stream whose client left: its tokens are known when the model stops
+                    # (at the next token), so record it then, once, with the real count.
+                    settled.add_done_callback(
+                        lambda _: observe(scope, status, seconds, usage, metrics)
+                    )
+                else:
+                    observe(scope, status, seconds, usage, metrics)
 
         return middleware
 

@@ -67,10 +67,19 @@ class GenerationItem:
     decoding: DecodingConfig
     listener: Callable[[list[int], bool], None] | None = field(default=None, compare=False)
     cancelled: threading.Event | None = field(default=None, compare=False)
+    steps: int = field(default=0, compare=False)
+    """Model steps its search ran (set by infer): beam rows are billed for every step."""
 
     @property
     def n_prompt(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the batch (and of the key/value cache) the item holds: its beams, or its
+        independent generations."""
+        r = self.request
+        return r.num_beams if r.num_beams > 1 else r.num_generations
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -376,9 +385,19 @@ class GenerationRunner(Runner[GenerationInput, GenerationItem, list[list[int]]])
             items.append(GenerationItem(request, ids, truncated, self.decoding(request)))
         return items
 
+    budget_fields = ("text", "max_length", "num_beams", "num_generations")
+    """The request fields that make `positions` (named by the 422 over the budget)."""
+
+    def positions(self, item: GenerationItem) -> int:
+        """Worst-case key/value-cache positions: every row holds the prompt and may grow to
+        max_length new tokens (Inference refuses a request over limits.max_generation_positions
+        before it runs)."""
+        return item.rows * (item.n_prompt + item.request.max_length)
+
     def cost(self, item: GenerationItem) -> int:
-        """A reservation: the prompt and the most tokens the item may generate."""
-        return item.n_prompt + item.request.max_length * item.request.num_generations
+        """A reservation: every row (beam or generation) runs over the prompt and may
+        generate max_length tokens."""
+        return self.positions(item)
 
     def cacheable(self, item: GenerationInput) -> bool:
         return not item.do_sample or item.seed is not None
@@ -396,6 +415,8 @@ class GenerationRunner(Runner[GenerationInput, GenerationItem, list[list[int]]])
             return event is not None and event.is_set()
 
         self.loop.generate(searches, [item.prompt_ids for item in batch], after_step, cancelled)
+        for item, search in zip(batch, searches, strict=True):
+            item.steps = search.steps
         return [search.results() for search in searches]
 
     def watch(
@@ -421,9 +442,15 @@ class GenerationRunner(Runner[GenerationInput, GenerationItem, list[list[int]]])
     def postprocess(self, item: GenerationItem, raw: list[list[int]]) -> ItemResult:
         assembler = self.assembler(item)
         texts = [item.request.text + assembler.text(ids) for ids in raw]
-        generated = sum(len(ids) for ids in raw)
+        # Billed per row, as reserved: beams all run every step; independent generations
+        # leave the batch when they finish.
+        if item.request.num_beams > 1:
+            generated = item.rows * max(item.steps, max((len(ids) for ids in raw), default=0))
+        else:
+            generated = sum(len(ids) for ids in raw)
         output: dict[str, Any] = {"output": texts if item.request.num_generations > 1 else texts[0]}
-        return ItemResult(output, tokens=item.n_prompt + generated, truncated=item.truncated)
+        tokens = min(item.rows * item.n_prompt + generated, self.cost(item))
+        return ItemResult(output, tokens=tokens, truncated=item.truncated)
 
     def warmup(self) -> None:
         # Two tokens exercise the prefill and the cached step; a full example would only

@@ -407,6 +407,15 @@ class SummarisationRunner(Runner[SummarisationInput, SummarisationItem, list[lis
             for request, e in zip(inputs, encoded, strict=True)
         ]
 
+    budget_fields = ("text", "max_length", "num_beams")
+    """The request fields that make `positions` (named by the 422 over the budget)."""
+
+    def positions(self, item: SummarisationItem) -> int:
+        """Worst-case cache positions: each beam holds the encoder's cross-attention cache
+        and may grow to max_length decoder positions (Inference refuses a request over
+        limits.max_generation_positions before it runs)."""
+        return item.request.num_beams * (item.n_input + item.request.max_length)
+
     def cost(self, item: SummarisationItem) -> int:
         """A reservation: the input and the most tokens the summary may have."""
         return item.n_input + item.request.max_length
