@@ -6,6 +6,7 @@ Heavy imports (the server stack, and torch/optimum for export) happen inside the
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -23,6 +24,18 @@ models_app = typer.Typer(no_args_is_help=True, help="Inspect exported models.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(batch_app, name="batch")
+
+# Commands that write state (keys, usage log, response cache, jobs, saved classifiers) make
+# it readable by the owner only: it holds key hashes and users' inputs. Exports and bundles
+# keep the caller's umask, since a models folder may be shared read-only with other users.
+STATE_COMMANDS = {"serve", "keys", "batch"}
+
+
+@app.callback()
+def _private_state(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand in STATE_COMMANDS:
+        os.umask(0o077)
+
 
 ConfigOpt = Annotated[
     Optional[Path],  # noqa: UP045 - typer needs Optional on 3.10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,76 @@ def test_export_prints_a_validation_report(env: Path, checkpoints: dict[str, Pat
     assert result.exit_code == 0, result.output
     for words in ("min_cosine", "size fp32 / INT8", "batch of 8", "passed"):
         assert words in result.output
+
+
+def test_served_state_is_private_to_its_owner(tmp_path: Path, models_dir: Path) -> None:
+    """`appliance keys` and `appliance serve` create every state file 0600 and dir 0700, even
+    under a permissive umask; checked on a real server process."""
+    import os
+    import socket
+    import stat
+    import subprocess
+    import time
+
+    import httpx
+
+    data = tmp_path / "data"
+    cli = Path(sys.executable).with_name("appliance")
+    env = {
+        **os.environ,
+        "APPLIANCE_DATA_DIR": str(data),
+        "APPLIANCE_MODELS_DIR": str(models_dir),
+        "HF_HUB_OFFLINE": "1",
+    }
+    permissive = lambda: os.umask(0o022)  # noqa: E731
+    made = subprocess.run(
+        [cli, "keys", "create", "--name", "k", "--scopes", "predict,jobs"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=permissive,
+    )
+    headers = {"x-api-key": made.stdout.strip().splitlines()[-1]}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [cli, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=permissive,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+            body = {"text": "hi", "model": "tiny-embed"}
+            assert client.post("/v1/text-vectorisation", json=body).status_code == 200
+            spec = {"name": "c", "labels": ["a", "b"], "model": "tiny-embed"}
+            assert client.post("/v1/classifiers", json=spec).status_code == 201
+            r = client.post(
+                "/v1/batch",
+                params={"endpoint": "/v1/text-vectorisation", "model": "tiny-embed"},
+                content=b'{"text": "hi"}\n',
+                headers={"Content-Type": "application/x-ndjson"},
+            )
+            assert r.status_code in (201, 202), r.text
+    finally:
+        server.terminate()
+        server.wait(30)
+    paths = list(data.rglob("*"))
+    names = {p.name for p in paths}
+    assert {"keys.json", "usage.db", "classifiers.json"} <= names, names
+    assert any(p.is_dir() and p.parent.name == "jobs" for p in paths), names
+    exposed = [str(p) for p in paths if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert not exposed
