@@ -595,3 +595,24 @@ def test_serving_code_imports_no_torch() -> None:
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_an_oversized_summarisation_is_refused_before_any_model_work(
+    serve: Callable[..., TestClient], s2s_models: Path
+) -> None:
+    import time
+
+    # The tiny models' inputs are short, so a small budget stands in for the default.
+    client = serve(s2s_models, APPLIANCE_LIMITS__MAX_GENERATION_POSITIONS="100")
+    auth = {"x-api-key": client.keys.create("big", ["predict"])[1]}  # type: ignore[attr-defined]
+    url = "/v1/models/tiny-bart/predict"
+    body = {"text": DOCUMENTS[3], "max_length": 40, "min_length": 0, "num_beams": 8}
+    start = time.perf_counter()
+    r = client.post(url, json={"input": body}, headers=auth)
+    assert time.perf_counter() - start < 1.0
+    assert r.status_code == 422, r.text
+    details = r.json()["details"]
+    assert {"text", "max_length", "num_beams"} <= set(details["fields"])
+    assert details["positions"] > details["max_positions"] == 100
+    small = {"text": "A short text.", "max_length": 4, "min_length": 0, "num_beams": 2}
+    assert client.post(url, json={"input": small}, headers=auth).status_code == 200
