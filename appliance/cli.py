@@ -230,6 +230,13 @@ def export(
         bool,
         typer.Option("--dry-run", help="Check the checkpoint and show the plan; write nothing."),
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="On failure, print the full traceback.")
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", help="Show torch/transformers warnings (hidden by default)."),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Export a checkpoint to INT8 ONNX, validate it against PyTorch, write it with a manifest."""
@@ -253,6 +260,8 @@ def export(
             typer.echo(f"{key:16} {value}")
         typer.echo(f"would write {(out or settings.models_path) / (name or source.name)}")
         return
+    if not verbose:
+        _quiet_third_party()
     try:
         manifest = export_model(
             source,
@@ -268,7 +277,39 @@ def export(
     except ExportError as exc:
         typer.secho(f"export failed: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
+    except Exception as exc:  # transformers/torch/onnx raise anything for a bad checkpoint
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        cause = (str(exc).strip().splitlines() or [""])[0]
+        typer.secho(
+            f"export failed: {type(exc).__name__}: {cause} — check that {source} is a complete "
+            f"Hugging Face checkpoint for {task}"
+            + ("" if debug else " (--debug shows the traceback)"),
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(1) from None
     typer.echo(f"wrote {(out or settings.models_path) / manifest.slug}")
+
+
+def _quiet_third_party() -> None:
+    """Hide the export's third-party chatter (tracer warnings, legacy-tokenizer and
+    tied-weight notices): they are not the user's to act on; --verbose shows them."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for name in ("transformers", "torch", "onnxruntime", "onnx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 @app.command()

@@ -187,3 +187,22 @@ def test_served_state_is_private_to_its_owner(tmp_path: Path, models_dir: Path) 
     assert any(p.is_dir() and p.parent.name == "jobs" for p in paths), names
     exposed = [str(p) for p in paths if stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert not exposed
+
+
+def test_a_failed_export_is_one_clear_line_and_the_traceback_only_with_debug(env: Path) -> None:
+    checkpoint = env / "broken"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "bert", "hidden_size": 8')
+    args = ["export", str(checkpoint), "--task", "feature-extraction"]
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("export failed: JSONDecodeError") and "--debug" in lines[0]
+    assert str(checkpoint) in lines[0]
+
+    result = runner.invoke(app, [*args, "--debug"])
+    assert result.exit_code == 1
+    assert "Traceback (most recent call last)" in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("export failed: JSONDecodeError")
