@@ -4,6 +4,7 @@ checkpoints built in the background), upload URLs, the watched models folder, un
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import stat
 import threading
@@ -111,6 +112,114 @@ def test_a_failing_build_says_why(empty_app, checkpoints, tmp_path: Path) -> Non
         ).status_code
         == 503
     )
+
+
+def _builds(client: TestClient):  # type: ignore[no-untyped-def]
+    return client.app.dependencies["builds"].dependency()
+
+
+def _gone(pid: int) -> bool:
+    """No process with this pid, nor any left in its process group."""
+    for probe in (os.kill, os.killpg):
+        try:
+            probe(pid, 0)
+            return False
+        except ProcessLookupError:
+            pass
+    return True
+
+
+def test_two_checkpoint_uploads_build_one_after_the_other(empty_app, checkpoints) -> None:  # type: ignore[no-untyped-def]
+    client, admin, _ = empty_app
+    statuses = []
+    for slug, source in (("first-cls", "tiny-cls"), ("second-tags", "tiny-tags")):
+        r = client.post(
+            f"/v1/models?name={slug}",
+            content=zip_folder(checkpoints[source]),
+            headers={**admin, "Content-Type": "application/zip"},
+        )
+        assert r.status_code == 202, r.text
+        statuses.append(r.json()["data"]["build_status"])
+    assert statuses == ["building", "queued"]
+    seen = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        now = tuple(
+            client.get(f"/v1/models/{slug}", headers=admin).json()["data"]["build_status"]
+            for slug in ("first-cls", "second-tags")
+        )
+        seen.add(now)
+        assert now != ("building", "building"), "two exports ran at once"
+        if now == ("success", "success"):
+            break
+        time.sleep(0.1)
+    assert ("building", "queued") in seen and ("success", "success") in seen, seen
+    uploads = client.data_dir / "uploads"
+    # Zips and staging are removed as each build ends (just after its model is listed).
+    deadline = time.monotonic() + 5
+    while list(uploads.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(uploads.iterdir()) == []
+
+
+def test_a_cancelled_build_leaves_no_exporter_running(empty_app, checkpoints) -> None:  # type: ignore[no-untyped-def]
+    client, admin, models = empty_app
+    builds = _builds(client)
+
+    def upload_and_wait_for_the_exporter() -> int:
+        r = client.post(
+            "/v1/models?name=victim",
+            content=zip_folder(checkpoints["tiny-cls"]),
+            headers={**admin, "Content-Type": "application/zip"},
+        )
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 30
+        while "victim" not in builds.procs:
+            assert time.monotonic() < deadline, "the exporter never started"
+            time.sleep(0.02)
+        return builds.procs["victim"].pid  # type: ignore[no-any-return]
+
+    first = upload_and_wait_for_the_exporter()
+    second = upload_and_wait_for_the_exporter()  # replaces the first build
+    assert second != first and _gone(first)
+    r = client.delete("/v1/models/victim", headers=admin)
+    assert r.status_code == 200, r.text
+    assert _gone(second)
+    assert "victim" not in builds.procs
+    assert not (models / "victim").exists()
+    assert list((client.data_dir / "uploads").iterdir()) == []
+
+
+def test_stale_uploads_are_removed_at_start(serve, tmp_path: Path, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    (data / "uploads" / "0123abcd").mkdir(parents=True)
+    (data / "uploads" / "0123abcd" / "config.json").write_text("{}")
+    (data / "uploads" / "4567.zip").write_bytes(b"PK")
+    serve(models_dir, data=data)
+    assert list((data / "uploads").iterdir()) == []
+
+
+def test_501_for_a_checkpoint_without_the_exporter(empty_app, checkpoints, models_dir) -> None:  # type: ignore[no-untyped-def]
+    client, admin, _ = empty_app
+    _builds(client).export_available = lambda: False  # a serving-only install
+    r = client.post(
+        "/v1/models?name=no-export",
+        content=zip_folder(checkpoints["tiny-cls"]),
+        headers={**admin, "Content-Type": "application/zip"},
+    )
+    assert r.status_code == 501, r.text
+    assert r.json()["code"] == "EXPORT_UNAVAILABLE"
+    assert client.get("/v1/models/no-export", headers=admin).status_code == 404
+    assert list((client.data_dir / "uploads").iterdir()) == []
+    # An exported model needs no exporter.
+    ok = client.post(
+        "/v1/models?name=exported-ok&task=feature-extraction",
+        content=zip_folder(models_dir / "tiny-embed", "m/"),
+        headers={**admin, "Content-Type": "application/zip"},
+    )
+    assert ok.status_code == 202, ok.text
+    done = wait_status(client, "exported-ok", admin, {"success", "fail"})
+    assert done["build_status"] == "success", done
 
 
 def _zip(members: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:

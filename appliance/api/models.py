@@ -174,8 +174,10 @@ async def predict(
     tags=["models"],
     status_code=200,
 )
-async def delete_model(slug: str, registry: Registry) -> dict[str, Any]:
-    """Stop serving a model (in-flight requests finish), free it and delete its files."""
+async def delete_model(slug: str, registry: Registry, builds: Builds) -> dict[str, Any]:
+    """Stop serving a model (in-flight requests finish), free it and delete its files; a
+    build of it under way is cancelled (its exporter killed)."""
+    await builds.cancel(slug)
     await registry.remove(slug, delete_files=True)
     return {"slug": slug, "deleted": True}
 
@@ -220,8 +222,9 @@ async def task_api_model_detail(
 
 
 @delete("/models/{model:str}", opt={"scope": "admin"}, tags=["tasks"], status_code=200)
-async def task_api_delete(model: str, registry: Registry) -> None:
+async def task_api_delete(model: str, registry: Registry, builds: Builds) -> None:
     """Delete a model (the task API answers null)."""
+    await builds.cancel(model)
     await registry.remove(model, delete_files=True)
 
 
@@ -232,11 +235,11 @@ class UploadUrlBody(msgspec.Struct, kw_only=True):
     """The checkpoint's task, when its config does not make it clear."""
 
 
-def _accepted(slug: str) -> Response[dict[str, Any]]:
+def _accepted(slug: str, status: str) -> Response[dict[str, Any]]:
     body = {
         "data": {
             "slug": slug,
-            "build_status": "building",
+            "build_status": status,
             "call_url": f"/api/v1/models/{slug}/predict",
         }
     }
@@ -257,9 +260,10 @@ async def upload_model(
 ) -> Response[dict[str, Any]]:
     """Add a model: the body is a zip (Content-Type application/zip) of an exported model
     folder or of a Hugging Face checkpoint, which is exported and quantised in the
-    background. 202 with build_status "building"; poll GET /v1/models/{name}."""
-    await builds.receive(request.stream(), name, task)
-    return _accepted(name)
+    background, one build at a time. 202 with build_status "building" (or "queued" behind
+    another build); poll GET /v1/models/{name}. 501 EXPORT_UNAVAILABLE for a checkpoint when
+    the exporter (the `export` extra) is not installed."""
+    return _accepted(name, await builds.receive(request.stream(), name, task))
 
 
 @post(
@@ -290,8 +294,7 @@ async def upload_by_url(
 ) -> Response[dict[str, Any]]:
     """PUT the zip to a URL from POST /upload-url (the URL itself is the credential)."""
     grant = builds.redeem(token)
-    await builds.receive(request.stream(), grant.slug, grant.task)
-    return _accepted(grant.slug)
+    return _accepted(grant.slug, await builds.receive(request.stream(), grant.slug, grant.task))
 
 
 ROUTES = [

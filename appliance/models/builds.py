@@ -7,21 +7,24 @@ export can neither crash nor slow the server). Progress shows as the model's bui
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import Settings
-from appliance.errors import NotFound, PayloadTooLarge, ValidationFailed
+from appliance.errors import ExportUnavailable, NotFound, PayloadTooLarge, ValidationFailed
 from appliance.models.archive import discard, unpack
 from appliance.models.manifest import (
     MANIFEST_FILE,
@@ -38,6 +41,24 @@ log = logging.getLogger("appliance.builds")
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{2,99}$")
 UPLOAD_URL_TTL = 3600
+EXPORT_NICENESS = 10  # serving keeps the CPU first
+# What `appliance export` imports (the `export` extra); a serving-only install lacks it.
+EXPORT_STACK = ("torch", "transformers", "optimum", "onnx")
+
+
+def _has(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def export_installed() -> bool:
+    return all(_has(name) for name in EXPORT_STACK)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the exporter and every process it started (its own session and group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
 
 # Architectures' suffixes -> the export task, for uploads that do not say their task.
 _ARCHITECTURES = (
@@ -76,7 +97,17 @@ class Builds:
         self.registry = registry
         self.uploads = settings.data_path / "uploads"
         self._grants: dict[str, UploadGrant] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # slug -> its queued or running build
+        self.procs: dict[str, asyncio.subprocess.Process] = {}  # slug -> its running exporter
+        # Exports are CPU- and memory-heavy: one at a time, the others wait their turn.
+        self._turn = asyncio.Lock()
+        self.export_available: Callable[[], bool] = export_installed  # injectable for tests
+        # Zips and staging folders a previous run left behind (a crash, a kill) are garbage.
+        for stale in self.uploads.glob("*") if self.uploads.is_dir() else ():
+            if stale.is_dir():
+                discard(stale)
+            else:
+                stale.unlink(missing_ok=True)
 
     # ---- upload URLs (task-API compatibility) --------------------------------------------
     def grant(self, slug: str, task: str | None) -> str:
@@ -125,18 +156,39 @@ class Builds:
                 await asyncio.to_thread(self._check_exported, root)
             else:
                 task = task or await asyncio.to_thread(self._checkpoint_task, root)
+                if not self.export_available():
+                    raise ExportUnavailable(
+                        "This install cannot export checkpoints (the `export` extra is not "
+                        "installed); upload an exported model zip, or install "
+                        "appliance[export].",
+                        details={"missing": [n for n in EXPORT_STACK if not _has(n)]},
+                    )
         except BaseException:
             discard(staging)
             raise
         finally:
             zip_path.unlink(missing_ok=True)
-        self.registry.set_build(slug, "building", "exporting" if not exported else "installing")
+        await self.cancel(slug)  # a new upload replaces a build of the same name
+        status = "queued" if self._turn.locked() else "building"
+        waiting = "waiting for the build before it" if status == "queued" else "starting"
+        self.registry.set_build(slug, status, waiting)
         job = asyncio.get_running_loop().create_task(
-            self._build(slug, task, root, staging, exported)
+            self._build(slug, task, root, staging, exported), name=f"build-{slug}"
         )
-        self._tasks.add(job)
-        job.add_done_callback(self._tasks.discard)
-        return "building"
+        self._tasks[slug] = job
+        job.add_done_callback(lambda done: self._forget(slug, done))
+        return status
+
+    def _forget(self, slug: str, job: asyncio.Task[None]) -> None:
+        if self._tasks.get(slug) is job:
+            del self._tasks[slug]
+
+    async def cancel(self, slug: str) -> None:
+        """Stop the build of `slug`, if any: its exporter is killed and reaped, staging removed."""
+        job = self._tasks.get(slug)
+        if job is not None:
+            job.cancel()
+            await asyncio.wait({job})
 
     @staticmethod
     def _check_exported(root: Path) -> None:
@@ -174,6 +226,16 @@ class Builds:
     ) -> None:
         target = self.settings.models_path / slug
         try:
+            async with self._turn:
+                await self._build_now(slug, task, root, exported, target)
+        finally:
+            discard(staging)
+
+    async def _build_now(
+        self, slug: str, task: str | None, root: Path, exported: bool, target: Path
+    ) -> None:
+        self.registry.set_build(slug, "building", "exporting" if not exported else "installing")
+        try:
             if exported:
                 await asyncio.to_thread(self._install_exported, root, slug)
             else:
@@ -188,8 +250,6 @@ class Builds:
         except Exception as exc:
             log.exception("build of %s failed", slug)
             self.registry.set_build(slug, "fail", f"{type(exc).__name__}: {exc}")
-        finally:
-            discard(staging)
 
     def _install_exported(self, root: Path, slug: str) -> None:
         manifest = read_manifest(root)
@@ -225,17 +285,28 @@ class Builds:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
-            preexec_fn=lambda: os.nice(10),  # serving keeps the CPU first
+            # Its own session, so that a cancel kills the exporter's children too. No
+            # preexec_fn: forking a threaded server and running Python there can deadlock.
+            start_new_session=True,
         )
+        self.procs[slug] = proc
         try:
+            # It may have exited already, or the system may refuse: it runs anyway.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, proc.pid, EXPORT_NICENESS)
             output, _ = await asyncio.wait_for(
                 proc.communicate(), timeout=self.settings.models.build_timeout_seconds
             )
         except TimeoutError:
-            proc.kill()
             raise BuildFailed(
                 f"export took longer than {self.settings.models.build_timeout_seconds} s"
             ) from None
+        finally:
+            # Cancelled (delete, replace, shutdown) or timed out: never leave it running.
+            if proc.returncode is None:
+                _kill_group(proc.pid)
+                await proc.wait()
+            self.procs.pop(slug, None)
         if proc.returncode != 0:
             lines = [ln for ln in output.decode(errors="replace").splitlines() if ln.strip()]
             reason = next(
@@ -246,8 +317,12 @@ class Builds:
             )
 
     async def stop(self) -> None:
-        for job in list(self._tasks):
+        """Cancel every build; their exporters are killed and reaped before this returns."""
+        jobs = list(self._tasks.values())
+        for job in jobs:
             job.cancel()
+        if jobs:
+            await asyncio.wait(jobs)
 
     async def _store(self, body: AsyncIterator[bytes]) -> Path:
         self.uploads.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ log = logging.getLogger("appliance.registry")
 class ModelEntry:
     slug: str
     folder: Path
-    status: str  # "ready" | "fail" | "building"
+    status: str  # "ready" | "fail" | "building" | "queued" (an upload waiting for its build)
     message: str = ""
     manifest: Manifest | None = None
     runner: Runner | None = None
@@ -54,7 +54,9 @@ class ModelEntry:
 
     @property
     def build_status(self) -> str:
-        return {"ready": "success", "building": "building"}.get(self.status, "fail")
+        return {"ready": "success", "building": "building", "queued": "queued"}.get(
+            self.status, "fail"
+        )
 
 
 def _version(folder: Path) -> tuple[int, int, int] | None:
@@ -331,7 +333,7 @@ class Registry:
                     details={"model": ref, "slug": slug},
                 )
             raise ModelNotFound(f"Model '{ref}' not found.", details={"model": ref})
-        if entry.status == "building":
+        if entry.status in ("building", "queued"):
             raise ModelUnavailable(
                 f"Model '{slug}' is being built.",
                 details={"model": slug, "build_status": "building"},
