@@ -336,7 +336,7 @@ class Registry:
         if entry.status in ("building", "queued"):
             raise ModelUnavailable(
                 f"Model '{slug}' is being built.",
-                details={"model": slug, "build_status": "building"},
+                details={"model": slug, "build_status": entry.status},
                 retry_after=30,
             )
         if not entry.is_active:
