@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post, put
@@ -23,7 +23,7 @@ from appliance.api.schemas import (
 from appliance.errors import BatchNotSupported, ModelNotFound, request_id_of
 from appliance.gateway.auth import current_key
 from appliance.inference import Inference
-from appliance.models.builds import Builds
+from appliance.models.builds import SLUG, Builds
 from appliance.models.registry import ModelEntry, Registry
 
 # The task-API endpoints a model of each task answers.
@@ -230,7 +230,8 @@ async def task_api_delete(model: str, registry: Registry, builds: Builds) -> Non
 
 # ---- adding models while serving ---------------------------------------------------------
 class UploadUrlBody(msgspec.Struct, kw_only=True):
-    model_name: str
+    # The slug rule Builds enforces, in the struct so the OpenAPI document states it.
+    model_name: Annotated[str, msgspec.Meta(pattern=SLUG.pattern)]
     task: str | None = None
     """The checkpoint's task, when its config does not make it clear."""
 
