@@ -176,15 +176,21 @@ def test_repetition_penalty_and_min_length_match_pytorch(
     assert int(r.headers["x-tokens-used"]) == len(tok(prompt).input_ids) + 9
 
 
+@pytest.mark.parametrize("spans", [False, True])
 def test_decoding_loop_reproduces_pytorch_logits_through_the_cache(
-    gen_models: Path, gen_checkpoints: dict[str, Path]
+    gen_models: Path,
+    gen_checkpoints: dict[str, Path],
+    spans: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Step by step through the key/value cache, the INT8 logits track PyTorch's full
-    forward pass of the same tokens (a cache or position bug would not)."""
+    forward pass of the same tokens (a cache or position bug would not); `spans`: the
+    prompts are prefilled 3 positions at a time, one row per call, as long prompts are."""
     import torch
 
     from appliance.config import RuntimeConfig
     from appliance.runtime.session import create_session
+    from appliance.tasks import generate
     from appliance.tasks.decoding import DecodingConfig, SampleSearch, Step
 
     class Recording(SampleSearch):
@@ -204,6 +210,10 @@ def test_decoding_loop_reproduces_pytorch_logits_through_the_cache(
         runner = GenerationRunner(
             folder, manifest, create_session(folder / "model.onnx", RuntimeConfig())
         )
+        if spans:
+            monkeypatch.setattr(
+                generate, "PREFILL_LOGITS_BYTES", 3 * 4 * (runner.loop.vocab or 50_000)
+            )
         model, tok = _torch(gen_checkpoints[slug])
         # Two prompts of different lengths in one batch: the shorter one is left-padded.
         prompts = [tok(p).input_ids for p in (PROMPTS[0], PROMPTS[3])]

@@ -33,8 +33,9 @@ MAX_NEW_TOKENS = 1024
 MAX_BEAMS = 16
 MAX_GENERATIONS = 16
 PREFILL_LOGITS_BYTES = 256 << 20
-"""The exported graph returns logits for every prompt position: prefill in row chunks whose
-logits stay under this many bytes."""
+"""The exported graph returns logits for every position it is fed: prefill in row chunks,
+and long prompts in position spans fed through the cache, whose logits stay under this many
+bytes (one 6,000-token SmolLM2 row at once would be 1.2 GB of logits)."""
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
 
 
@@ -263,9 +264,13 @@ class DecoderLoop:
             part = slice(start, start + chunk)
             n = len(ids[part])
             empty = np.zeros((n, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
-            last, present = self._run(
-                ids[part], mask[part], positions[part], [empty] * len(self.past_names)
-            )
+            present = [empty] * len(self.past_names)
+            span = max(1, PREFILL_LOGITS_BYTES // (n * vocab * 4))
+            for at in range(0, length, span):
+                cols = slice(at, at + span)
+                last, present = self._run(
+                    ids[part, cols], mask[part, : at + span], positions[part, cols], present
+                )
             logits.append(last)
             presents.append(present)
         past = [np.concatenate(p, axis=0) for p in zip(*presents, strict=True)]
