@@ -28,6 +28,17 @@ class CheckpointInfo:
     dimension: int | None
 
 
+def accepted_inputs(fn: Any, inputs: Any) -> dict[str, Any]:
+    """The tokenizer outputs `fn` (a model's forward, or generate's model) takes: a tokenizer
+    may add token_type_ids that BART and others refuse ("model_kwargs are not used")."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(inputs)
+    return {k: v for k, v in inputs.items() if k in params}
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file of a checkpoint, or {} when it is not there."""
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -11,7 +11,7 @@ import numpy as np
 from rich.console import Console
 
 from appliance.models.manifest import Manifest, Validation
-from exporters.checkpoint import CheckpointInfo
+from exporters.checkpoint import CheckpointInfo, accepted_inputs
 from exporters.export import export_encoder
 from exporters.tasks import TaskSpec
 from exporters.validate import cosine_rows
@@ -66,7 +66,8 @@ class QaValidator:
             return_tensors="np",
         )
         with torch.inference_mode():
-            out = model(**{k: torch.from_numpy(v) for k, v in self.batch.items()})
+            batch = {k: torch.from_numpy(v) for k, v in self.batch.items()}
+            out = model(**accepted_inputs(model.forward, batch))
         self.reference = (out.start_logits.numpy(), out.end_logits.numpy())
         self.thresholds = {"min_cosine": min_cosine, "argmax_agreement": min_agreement}
 

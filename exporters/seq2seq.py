@@ -36,7 +36,7 @@ from appliance.models.manifest import (
     file_entry,
     write_manifest,
 )
-from exporters.checkpoint import ExportError, _max_tokens, read_config
+from exporters.checkpoint import ExportError, _max_tokens, accepted_inputs, read_config
 from exporters.export import Progress, onnx_export
 from exporters.generation import (
     SCHEMES,
@@ -280,8 +280,11 @@ def _torch_reference(ckpt: Checkpoint, prefix: str, new_tokens: int) -> Referenc
     eos = set(_ids(model.generation_config.eos_token_id))
 
     def encode(text: str) -> Any:
-        return tokenizer(
-            prefix + text, return_tensors="pt", truncation=True, max_length=ckpt.max_tokens
+        return accepted_inputs(
+            model.forward,
+            tokenizer(
+                prefix + text, return_tensors="pt", truncation=True, max_length=ckpt.max_tokens
+            ),
         )
 
     def generate(text: str, n: int) -> list[int]:

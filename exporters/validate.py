@@ -11,7 +11,7 @@ from appliance.config import RuntimeConfig
 from appliance.models.manifest import Manifest, Validation
 from appliance.runtime.session import create_session
 from appliance.tasks import build_runner
-from exporters.checkpoint import CheckpointInfo
+from exporters.checkpoint import CheckpointInfo, accepted_inputs
 from exporters.samples import SAMPLE_TEXTS
 from exporters.tasks import TaskSpec
 
@@ -41,7 +41,7 @@ def torch_outputs(info: CheckpointInfo, spec: TaskSpec, texts: list[str]) -> np.
         texts, padding=True, truncation=True, max_length=info.max_tokens, return_tensors="pt"
     )
     with torch.inference_mode():
-        out = model(**batch)
+        out = model(**accepted_inputs(model.forward, batch))
     if spec.name == "feature-extraction":
         hidden = out.last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

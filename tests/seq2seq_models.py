@@ -74,8 +74,12 @@ def build_unigram_tokenizer(folder: Path) -> int:
     return int(tok.get_vocab_size())
 
 
-def build_bart_tokenizer(folder: Path, vocab_size: int = 400) -> int:
-    """A BART-style ByteLevel BPE tokenizer: <s> text </s>, ids <s>=0, <pad>=1, </s>=2."""
+def build_bart_tokenizer(
+    folder: Path, vocab_size: int = 400, *, token_type_ids: bool = False
+) -> int:
+    """A BART-style ByteLevel BPE tokenizer: <s> text </s>, ids <s>=0, <pad>=1, </s>=2. With
+    token_type_ids it is PreTrainedTokenizerFast's default, which also returns token_type_ids
+    (that BART's forward does not take)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -100,7 +104,7 @@ def build_bart_tokenizer(folder: Path, vocab_size: int = 400) -> int:
         pad_token="<pad>",
         unk_token="<unk>",
         mask_token="<mask>",
-        model_input_names=["input_ids", "attention_mask"],
+        **({} if token_type_ids else {"model_input_names": ["input_ids", "attention_mask"]}),
         model_max_length=96,
     )
     fast.save_pretrained(folder)
@@ -177,13 +181,19 @@ def build_tiny_t5(folder: Path, seed: int = 0, tuning: Decisive = T5_DECISIVE) -
     return folder
 
 
-def build_tiny_bart(folder: Path, seed: int = 0, tuning: Decisive = BART_DECISIVE) -> Path:
+def build_tiny_bart(
+    folder: Path,
+    seed: int = 0,
+    tuning: Decisive = BART_DECISIVE,
+    *,
+    token_type_ids: bool = False,
+) -> Path:
     """A 2+2-layer BART (d_model 32) with a BART-style tokenizer; like bart-large-cnn it
     forces <s> first and </s> at max_length."""
     import torch
     from transformers import BartConfig, BartForConditionalGeneration
 
-    vocab = build_bart_tokenizer(folder)
+    vocab = build_bart_tokenizer(folder, token_type_ids=token_type_ids)
     config = BartConfig(
         vocab_size=vocab,
         d_model=32,

@@ -616,3 +616,23 @@ def test_an_oversized_summarisation_is_refused_before_any_model_work(
     assert details["positions"] > details["max_positions"] == 100
     small = {"text": "A short text.", "max_length": 4, "min_length": 0, "num_beams": 2}
     assert client.post(url, json={"input": small}, headers=auth).status_code == 200
+
+
+def test_a_bart_whose_tokenizer_returns_token_type_ids_exports_and_serves(  # type: ignore[no-untyped-def]
+    serve, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    from exporters.export import export_model
+
+    checkpoint = build_tiny_bart(tmp_path / "ckpt", token_type_ids=True)
+    assert "token_type_ids" in AutoTokenizer.from_pretrained(checkpoint)("a text")
+    models = tmp_path / "models"
+    export_model(checkpoint, "summarisation", out_dir=models, slug="tt-bart")
+    client = serve(models)
+    headers = {"x-api-key": client.keys.create("k", ["predict"])[1]}
+    r = client.post(
+        "/v1/models/tt-bart/predict", json={"input": {"text": DOCUMENTS[0]}}, headers=headers
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["output"]["output"].strip()
