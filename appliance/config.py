@@ -158,13 +158,6 @@ class JobsConfig(_Section):
     """Store job answers in the response cache (they are always looked up in it)."""
     stop_timeout_seconds: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     """On shutdown, how long a running job may take to checkpoint its current chunk."""
-
-
-class Settings(_Section):
-    data_dir: str = DEFAULT_DIRS["data_dir"]
-    """All state: keys, cache, usage, jobs. Override: APPLIANCE_DATA_DIR."""
-    models_dir: str = DEFAULT_DIRS["models_dir"]
-    """Exported models, one folder each. Override: APPLIANCE_MODELS_DIR."""
     max_jobs_per_key: Positive = 20
     """Jobs one key may keep (any status); creating one more gets 429 TOO_MANY_JOBS."""
     max_bytes_per_key: Positive = 20 * 1024**3
@@ -173,6 +166,13 @@ class Settings(_Section):
     """Free disk kept in reserve: an upload that would eat into it gets 507 INSUFFICIENT_STORAGE."""
     retention_days: Annotated[float, msgspec.Meta(gt=0)] = 7
     """Finished (completed, failed, cancelled) jobs and their files are removed after this."""
+
+
+class Settings(_Section):
+    data_dir: str = DEFAULT_DIRS["data_dir"]
+    """All state: keys, cache, usage, jobs. Override: APPLIANCE_DATA_DIR."""
+    models_dir: str = DEFAULT_DIRS["models_dir"]
+    """Exported models, one folder each. Override: APPLIANCE_MODELS_DIR."""
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
