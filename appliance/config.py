@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -168,6 +169,25 @@ class JobsConfig(_Section):
     """Finished (completed, failed, cancelled) jobs and their files are removed after this."""
 
 
+class ClusterConfig(_Section):
+    """Shared state for several replicas behind one load balancer. Both URLs empty (the
+    default): a single box, all state under data_dir, no Redis or PostgreSQL client imported."""
+
+    database_url: str = ""
+    """postgresql://user:pass@host:5432/db: keys, classifiers, usage, logs, quota spend, jobs."""
+    redis_url: str = ""
+    """redis://host:6379/0 (rediss:// for TLS): rate limits, quota counters, shared cache, events."""
+    replica_id: str = msgspec.field(default_factory=socket.gethostname)
+    """This replica's name in leases, logs and metrics (default: the hostname)."""
+    on_redis_down: Literal["fail_closed", "fail_open"] = "fail_closed"
+    """Redis unreachable: refuse requests that need a limit or quota decision (503
+    BACKEND_UNAVAILABLE) or admit them (logged, counted in a metric)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.database_url or self.redis_url)
+
+
 class Settings(_Section):
     data_dir: str = DEFAULT_DIRS["data_dir"]
     """All state: keys, cache, usage, jobs. Override: APPLIANCE_DATA_DIR."""
@@ -182,6 +202,7 @@ class Settings(_Section):
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     aliases: dict[str, str] = msgspec.field(default_factory=lambda: {"english": "all-minilm-l6-v2"})
     """Model names of the task API (english, multilingual, clip, ...) mapped to slugs."""
     endpoint_aliases: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
