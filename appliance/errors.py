@@ -121,6 +121,16 @@ class InsufficientStorage(ApplianceError):
     status_code, code, default_message = 507, "INSUFFICIENT_STORAGE", "The disk is nearly full."
 
 
+class BackendUnavailable(ApplianceError):
+    """Cluster mode: Redis or PostgreSQL cannot be reached for a decision this request needs."""
+
+    status_code, code, default_message = (
+        503,
+        "BACKEND_UNAVAILABLE",
+        "A shared state backend is unreachable; retry.",
+    )
+
+
 class ModelUnavailable(ApplianceError):
     status_code, code, default_message = 503, "MODEL_UNAVAILABLE", "The model is not available."
 

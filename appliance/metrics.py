@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -85,6 +85,16 @@ class Metrics:
         self.tokens = Counter("appliance_tokens", "Tokenizer tokens charged", ["model"], registry=r)
         self.rate_limited = Counter(
             "appliance_rate_limited_requests", "Requests refused with 429", registry=r
+        )
+        # Cluster mode: one series per shared backend ("redis", "postgres") once it is in use.
+        self.backend_up = Gauge(
+            "appliance_backend_up",
+            "1 if the backend answered its last call",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "appliance_backend_errors", "Failed calls to a shared backend", ["backend"], registry=r
         )
 
     def watch_models(self, entries: Callable[[], Iterable[ModelEntry]]) -> None:
