@@ -176,7 +176,7 @@ class ClusterConfig(_Section):
     database_url: str = ""
     """postgresql://user:pass@host:5432/db: keys, classifiers, usage, logs, quota spend, jobs."""
     redis_url: str = ""
-    """redis://host:6379/0 (rediss:// for TLS): rate limits, quota counters, shared cache, events."""
+    """redis://host:6379/0 (rediss:// for TLS): limits, quota counters, shared cache, events."""
     replica_id: str = msgspec.field(default_factory=socket.gethostname)
     """This replica's name in leases, logs and metrics (default: the hostname)."""
     on_redis_down: Literal["fail_closed", "fail_open"] = "fail_closed"
