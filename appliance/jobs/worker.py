@@ -131,17 +131,18 @@ async def settled(fn: Callable[..., T], *args: Any) -> T:
         raise
 
 
-def decode_line(raw: bytes, target: JobEndpoint, state: JobState) -> Any:
-    """A line to the endpoint's body, with the job's defaults; the real-time errors if not."""
+def decode_line(raw: bytes, target: JobEndpoint, model: str | None, classifier: str | None) -> Any:
+    """A line to the endpoint's body, with the run's default model and classifier; the
+    real-time errors if not."""
     try:
         obj = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise InvalidJSON(f"The line is not valid JSON: {exc}") from None
     if isinstance(obj, dict):  # anything else: msgspec names the mismatch, as for litestar
-        if state.model is not None:
-            obj.setdefault("model", state.model)
-        if state.classifier is not None and target.takes_classifier:
-            obj.setdefault("classifier", state.classifier)
+        if model is not None:
+            obj.setdefault("model", model)
+        if classifier is not None and target.takes_classifier:
+            obj.setdefault("classifier", classifier)
     try:
         return msgspec.convert(obj, target.endpoint.body, strict=False)
     except msgspec.ValidationError as exc:
@@ -181,37 +182,58 @@ async def _with_room(target: JobEndpoint, body: Any, work: Work) -> Any:
             delay = min(delay * 2, 2.0)
 
 
-async def run_line(
-    line: InputLine, key: ApiKey, job: Job, target: JobEndpoint, services: JobServices
-) -> LineOutcome:
-    """One input line, as its real-time endpoint would answer it."""
-    settings = services.settings
-    call = Call(key, read_cache=True, write_cache=settings.jobs.write_cache)
+async def answer_line(
+    raw: bytes | None,
+    target: JobEndpoint,
+    work: Work,
+    defaults: tuple[str | None, str | None] = (None, None),
+) -> tuple[int, bytes]:
+    """One input line (None: over the line limit), as its real-time endpoint would answer
+    it: (200, the response's JSON) or (status, the error's JSON without its request id).
+    Bytes, so that the answer can cross a process (Ray) and be framed the same way there."""
     try:
-        if line.raw is None:
-            limit = settings.server.max_body_bytes
+        if raw is None:
+            limit = work.settings.server.max_body_bytes
             raise PayloadTooLarge(
                 f"The line is longer than {limit} bytes (server.max_body_bytes).",
                 details={"max_bytes": limit},
             )
-        body = decode_line(line.raw, target, job.state)
-        work = Work(call, services.inference, settings, services.classifiers, BACKGROUND)
-        answer = await _with_room(target, body, work)
-        encoded = encode_json({"line": line.number, "status": 200, "response": answer})
-        return LineOutcome(encoded + b"\n", 200, call)
+        body = decode_line(raw, target, *defaults)
+        return 200, encode_json(await _with_room(target, body, work))
     except ApplianceError as exc:
         error: ApplianceError = exc
-    except Exception:  # a bug must not stop the job; the traceback goes to the log
-        log.exception("job %s: line %d failed", job.state.id, line.number)
+    except Exception:  # a bug must not stop the run; the traceback goes to the log
+        log.exception("batch line to %s failed", target.path)
         error = ApplianceError()
-    answer_error = error_body(
-        error.code,
-        error.message,
-        details=error.details,
-        request_id=f"{job.state.id}:{line.number}",
+    fields = {"code": error.code, "message": error.message, "details": error.details}
+    return error.status_code, encode_json(fields)
+
+
+def result_line(
+    number: int, status: int, payload: bytes, request_id: str
+) -> tuple[bytes, dict[str, Any] | None]:
+    """The result line (newline included) for an answer_line() outcome, and its error body."""
+    if status == 200:
+        line = {"line": number, "status": status, "response": msgspec.Raw(payload)}
+        return encode_json(line) + b"\n", None
+    fields = msgspec.json.decode(payload)
+    error = error_body(
+        fields["code"], fields["message"], details=fields["details"], request_id=request_id
     )
-    encoded = encode_json({"line": line.number, "status": error.status_code, "error": answer_error})
-    return LineOutcome(encoded + b"\n", error.status_code, call, answer_error)
+    return encode_json({"line": number, "status": status, "error": error}) + b"\n", error
+
+
+async def run_line(
+    line: InputLine, key: ApiKey, job: Job, target: JobEndpoint, services: JobServices
+) -> LineOutcome:
+    """One input line of a job, as its real-time endpoint would answer it."""
+    settings = services.settings
+    call = Call(key, read_cache=True, write_cache=settings.jobs.write_cache)
+    work = Work(call, services.inference, settings, services.classifiers, BACKGROUND)
+    defaults = (job.state.model, job.state.classifier)
+    status, payload = await answer_line(line.raw, target, work, defaults)
+    encoded, error = result_line(line.number, status, payload, f"{job.state.id}:{line.number}")
+    return LineOutcome(encoded, status, call, error)
 
 
 def record_usage(
