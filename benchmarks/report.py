@@ -285,6 +285,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{_fmt(r['one_call_texts_per_s'])} | {_fmt(r['buckets_texts_per_s'])} | "
                     f"{r['gain']:.2f}x |"
                 )
+    lines += _batch_run_section(result.get("batch_run"))
     sizes = result.get("sizes", {})
     lines += ["", "## Other measurements", ""]
     if "serving_venv_mb" in sizes:
@@ -380,6 +381,33 @@ def write(result: dict[str, Any], out: Path) -> list[Path]:
     else:
         result["chart_skipped"] = "matplotlib is not installed (pip install '.[bench]')"
     return paths
+
+
+def _batch_run_section(run: dict[str, Any] | None) -> list[str]:
+    if not run:
+        return []
+    head = ["", "## `appliance batch run`: in-process and on Ray Data", ""]
+    if "skipped" in run:
+        return [*head, f"Not measured: {run['skipped']}"]
+    local, ray = run["in_process"], run["ray"]
+    rows = [
+        *head,
+        f"{run['lines']} short texts to {run['endpoint']} on {run['cpus']} CPUs, the same file "
+        "both ways; Ray: a local cluster, one actor per CPU (one session stream each).",
+        "",
+        "| runner | lines/s | seconds | failed lines |",
+        "|---|---|---|---|",
+        f"| in-process | {_fmt(local['lines_per_s'])} | {local['seconds']} | {local['failed']} |",
+    ]
+    if "skipped" in ray:
+        return [*rows, "", f"Ray not measured: {ray['skipped']}"]
+    return [
+        *rows,
+        f"| Ray Data, {ray['actors']} actors | {_fmt(ray['lines_per_s'])} | {ray['seconds']} "
+        f"(+ {ray['init_s']} s ray.init) | {ray['failed']} |",
+        "",
+        f"Ray vs in-process: {ray['vs_in_process']:.2f}x on this machine.",
+    ]
 
 
 def console_summary(result: dict[str, Any]) -> str:

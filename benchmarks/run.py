@@ -32,7 +32,7 @@ from benchmarks.loadgen import Target, ensure_wrk, run_load
 from benchmarks.procs import Monitor, Server, free_port
 from benchmarks.texts import FIDELITY_SENTENCES, Shape, make_shapes, vocabulary_words
 
-ALL_SYSTEMS = ("appliance", "torch", "infinity", "engine")
+ALL_SYSTEMS = ("appliance", "torch", "infinity", "engine", "batch-run")
 HTTP_SYSTEMS = ("appliance", "torch", "infinity")
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -545,6 +545,26 @@ def run_bench(opts: Options) -> dict[str, Any]:
                 )
         except Exception as exc:  # noqa: BLE001
             systems["engine"] = {"status": "skipped", "reason": str(exc)}
+    # --- `appliance batch run`: in this process and on a local Ray, same file
+    if "batch-run" in opts.systems:
+        log("measuring appliance batch run, in-process and on Ray ...")
+        lines = 4000 if opts.quick else 20_000
+        try:
+            result["batch_run"] = _subprocess_json(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.batch_run",
+                    str(models_dir),
+                    "--model",
+                    opts.model,
+                    "--lines",
+                    str(lines),
+                ],
+                timeout=900,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported, never fatal
+            result["batch_run"] = {"skipped": f"{type(exc).__name__}: {exc}"}
     # --- the HTTP systems, one at a time
     for name in HTTP_SYSTEMS:
         if name not in opts.systems:

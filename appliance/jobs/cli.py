@@ -4,6 +4,7 @@
     appliance batch status ID
     appliance batch results ID > out.ndjson
     appliance batch list | start ID | delete ID
+    appliance batch run FILE --endpoint /v1/classify --out RESULTS [--ray auto]   (no server)
 
 The server is --url (default: APPLIANCE_URL, else the host and port of the config); the key is
 --key (default: APPLIANCE_KEY, else data_dir/admin.key of the config). Messages go to stderr;
@@ -248,3 +249,106 @@ def results(
         sink.flush()
         if output:
             sink.close()
+
+
+@batch_app.command("run")
+def run_file(
+    file: Annotated[
+        Path, typer.Argument(help="NDJSON: one request body of the endpoint per line.")
+    ],
+    endpoint: Annotated[
+        str, typer.Option(help="The endpoint each line is for, e.g. /v1/classify.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the result lines go.")],
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Default model for lines that name none."),
+    ] = None,
+    classifier: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Default saved classifier (classify and tag endpoints)."),
+    ] = None,
+    ray: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--ray",
+            help="Run on Ray Data: a cluster address, 'auto' (the running cluster) or 'local' "
+            "(start one here). Needs the ray extra.",
+        ),
+    ] = None,
+    actors: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="Ray: answering actors (default: the cluster's CPUs)."),
+    ] = None,
+    cpus_per_actor: Annotated[
+        int, typer.Option(min=1, help="Ray: CPUs (and model sessions) per actor.")
+    ] = 1,
+    key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--key",
+            envvar="APPLIANCE_KEY",
+            help="Run as this API key (its models) and charge its usage and quota.",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer FILE without a server, in this process or on Ray; the results are the batch
+    jobs' result lines, in input order. A summary goes to stderr as JSON."""
+    from appliance.gateway.keys import KeyStore
+    from appliance.gateway.usage import UsageLog
+    from appliance.jobs.endpoints import JOB_ENDPOINTS
+    from appliance.jobs.offline import RunSpec, run_in_process, run_on_ray
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        fail(str(exc))
+    if endpoint not in JOB_ENDPOINTS:
+        fail(f"unknown endpoint {endpoint}; one of: {', '.join(sorted(JOB_ENDPOINTS))}")
+    if not file.is_file():
+        fail(f"no such file: {file}")
+    spec = RunSpec(settings, endpoint, model, classifier)
+    usage: UsageLog | None = None
+    if key:
+        found = KeyStore(settings.keys_path).authenticate(key)
+        if found is None or not found.allows_scope("jobs"):
+            fail("the key is unknown, revoked, expired, or lacks the jobs scope")
+        spec = RunSpec(settings, endpoint, model, classifier, found)
+        usage = UsageLog(settings.usage_path, retention_days=settings.usage.retention_days)
+        usage.start()
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with open(partial, "wb") as sink:
+            if ray is None:
+                summary = run_in_process(file, sink, spec, usage)
+            else:
+                try:
+                    import ray as _  # noqa: F401
+                except ImportError:
+                    fail("--ray needs the ray extra: pip install 'appliance[ray]'")
+                summary = run_on_ray(
+                    file,
+                    sink,
+                    spec,
+                    usage,
+                    address=ray,
+                    actors=actors,
+                    cpus_per_actor=cpus_per_actor,
+                )
+        partial.replace(out)
+    finally:
+        if usage is not None:
+            usage.stop()
+    rate = summary.lines / summary.seconds if summary.seconds else 0.0
+    report = {
+        "lines": summary.lines,
+        "failed": summary.failed,
+        "tokens": summary.tokens,
+        "seconds": round(summary.seconds, 3),
+        "lines_per_second": round(rate, 1),
+        "stopped": summary.stopped,
+    }
+    typer.echo(json.dumps(report), err=True)
+    if summary.stopped:
+        raise typer.Exit(1)
