@@ -37,7 +37,7 @@ def test_bundle_installs_offline_and_serves(tmp_path: Path, models_dir: Path) ->
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("PIP_", "VIRTUAL_ENV", "APPLIANCE_"))
+        if not k.startswith(("PIP_", "VIRTUAL_ENV", "APPLIANCE_", "PYTHONPATH"))
     }
     env |= {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PYTHON": sys.executable}
     install = subprocess.run(
