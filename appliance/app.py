@@ -37,7 +37,7 @@ from appliance.api.request_id import request_id_middleware
 from appliance.classifiers import ClassifierStore
 from appliance.config import Settings
 from appliance.errors import exception_handler
-from appliance.gateway.auth import auth_guard
+from appliance.gateway.auth import auth_hook
 from appliance.gateway.cache import ResponseCache
 from appliance.gateway.keys import KeyStore
 from appliance.gateway.ratelimit import RateLimiter
@@ -157,13 +157,13 @@ def create_app(
             "lifecycle": provide(lifecycle),
             "work": tasks.work_provider(inference, settings, classifiers),
         },
-        guards=[auth_guard(keys)],
         # 404 and 405 are raised by the router before any handler: they need their own keys.
         exception_handlers={
             404: exception_handler,
             405: exception_handler,
             Exception: exception_handler,
         },
+        before_request=auth_hook(keys),
         middleware=[request_id_middleware, request_recorder(usage, metrics)],
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=docs.openapi_config(),
