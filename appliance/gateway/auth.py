@@ -19,10 +19,15 @@ from appliance.gateway.keys import ApiKey, KeyStore
 
 
 def presented_secret(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    header = connection.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+    """A request is judged by the credential it presents first: `Authorization` when it has
+    one (anything but a non-empty Bearer value fails), else `x-api-key`. A bad Authorization
+    beside a good x-api-key is a 401, not a silent fall-back."""
+    header = connection.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return header  # matches no key: 401
     return connection.headers.get("x-api-key") or None
 
 
