@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, delete, get, post
@@ -18,9 +18,12 @@ from appliance.gateway.usage import UsageLog
 
 
 class KeyCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    name: str
-    scopes: list[str] = msgspec.field(default_factory=lambda: ["predict"])
-    models: list[str] | None = None
+    name: Annotated[str, msgspec.Meta(pattern=r"\S")]
+    """Something to recognise the key by (not only spaces)."""
+    scopes: list[Literal["predict", "jobs", "admin"]] = msgspec.field(
+        default_factory=lambda: ["predict"]
+    )
+    models: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
     """Model slugs this key may use, or ["*"]; absent/null: all. An empty list is a 422."""
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None

@@ -15,6 +15,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 
 from appliance.api.responses import inference_response
+from appliance.api.schemas import Fraction, NonEmpty, Texts, check_one, exactly_one
 from appliance.api.tasks import LABELS, Endpoint, Work, as_batch
 from appliance.classifiers import Classifier, ClassifierStore
 from appliance.errors import ValidationFailed
@@ -26,24 +27,25 @@ from appliance.runtime.documents import documents
 DEFAULT_TAG_THRESHOLD = 0.5
 
 
+@exactly_one("text", "file")
 class ClassifyBody(msgspec.Struct, kw_only=True):
     text: str | None = None
-    file: str | None = None
+    file: NonEmpty | None = None
     """A base64 PDF or DOCX (at most 20 pages) instead of `text`."""
     labels: list[str] | None = None
     classifier: str | None = None
     """A saved classifier's name: its labels, model and threshold are the defaults."""
     model: str | None = None
-    threshold: float | None = None
+    threshold: Fraction | None = None
     """classify: below it, `label` is null; tag: labels scoring at least this are returned."""
 
 
 class BatchBody(msgspec.Struct, kw_only=True):
-    texts: list[str]
+    texts: Texts
     labels: list[str] | None = None
     classifier: str | None = None
     model: str | None = None
-    threshold: float | None = None
+    threshold: Fraction | None = None
 
 
 class ClassifierBody(msgspec.Struct, kw_only=True):
@@ -80,9 +82,7 @@ def _plan(body: ClassifyBody | BatchBody, work: Work) -> _Plan:
 
 
 async def _text_of(body: ClassifyBody) -> str:
-    if (body.text is None) == (body.file is None):
-        raise ValidationFailed("Send exactly one of `text` and `file`.", details={"field": "text"})
-    if body.file is not None:
+    if check_one(body) == "file":
         return await documents.extract_text(body.file)
     return body.text  # type: ignore[return-value]
 

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Response, post
+import msgspec
+from litestar import Request, Response, post
 
 from appliance.api.responses import inference_response
+from appliance.api.schemas import NonEmpty
 from appliance.api.tasks import Work
-from appliance.errors import ValidationFailed
+
+
+class CustomBody(msgspec.Struct):
+    """`model` and, beside it, one field per input of the model (named as its manifest says)."""
+
+    model: NonEmpty
+    """The custom model's slug."""
 
 
 @post(["/v1/custom", "/custom"], opt={"scope": "predict"}, tags=["tasks"], status_code=200)
-async def custom(data: dict[str, Any], work: Work) -> Response[dict[str, Any]]:
+async def custom(
+    data: CustomBody, request: Request[Any, Any, Any], work: Work
+) -> Response[dict[str, Any]]:
     """{"model": slug, <input name>: value, ...} -> {"output": ...}: each field named like one
     of the model's inputs (GET /v1/models/{slug} shows them) becomes that input."""
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise ValidationFailed(
-            "`model` (the custom model's name) is required.", details={"field": "model"}
-        )
-    fields = {k: v for k, v in data.items() if k != "model"}
+    model = data.model
+    # The struct states and checks `model`; the inputs are the body's other fields, whatever
+    # the model names them (the body is parsed once: litestar keeps it).
+    fields = {k: v for k, v in (await request.json()).items() if k != "model"}
     outcome = await work.inference.run(
         model, [fields], call=work.call, tasks={"custom"}, endpoint="custom"
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from litestar import Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
@@ -28,6 +29,7 @@ from litestar.router import Router
 from litestar.static_files import create_static_files_router
 
 from appliance import __version__
+from appliance.api.schemas import EXACTLY_ONE
 
 ASSETS = "/docs/assets"
 # The four files of swagger-ui 5.31.0's dist that the page loads (Apache-2.0, LICENSE beside
@@ -65,7 +67,51 @@ def openapi_config() -> OpenAPIConfig:
 
 
 def _schema(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    return declare_responses(request.app.openapi_schema.to_schema(), _handler_opts(request))
+    doc = request.app.openapi_schema.to_schema()
+    doc = declare_shapes(request_bodies(doc, _body_structs(request)))
+    return declare_responses(doc, _handler_opts(request))
+
+
+def _body_structs(request: Request[Any, Any, Any]) -> list[type[msgspec.Struct]]:
+    found: dict[str, type[msgspec.Struct]] = {}
+    for route in request.app.routes:
+        for handler in getattr(route, "route_handlers", []):
+            data = handler.parsed_fn_signature.parameters.get("data")
+            kind = getattr(data, "annotation", None)
+            if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+                found[kind.__name__] = kind
+    return [found[name] for name in sorted(found)]
+
+
+def request_bodies(doc: dict[str, Any], structs: list[type[msgspec.Struct]]) -> dict[str, Any]:
+    """Request body schemas as msgspec itself states them: litestar's generator drops the
+    constraints (lengths, ranges, patterns) of a union's members, e.g. the minItems of
+    `str | Annotated[list[str], Meta(min_length=1)]`, so its document allowed what the
+    decoder refuses."""
+    _, components = msgspec.json.schema_components(structs, ref_template="#/components/schemas/{name}")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in components.items():
+        if name in schemas:
+            schemas[name] = schema
+    return doc
+
+
+def declare_shapes(doc: dict[str, Any]) -> dict[str, Any]:
+    """The either/or rules bodies carry (api.schemas.exactly_one) as a oneOf: one branch per
+    field, each requiring that field with its non-null type."""
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name, fields in EXACTLY_ONE.items():
+        schema = schemas.get(name)
+        if schema is None:
+            continue
+        branches = []
+        for f in fields:
+            prop = schema["properties"][f]
+            options = prop.get("anyOf") or prop.get("oneOf") or [prop]
+            types = [t for t in options if t != {"type": "null"}]
+            branches.append({"required": [f], "properties": {f: types[0]}})
+        schema["oneOf"] = branches
+    return doc
 
 
 # The one error body every failure carries (API.md), declared once and referenced by every

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
 from litestar import Response, post
 
 from appliance.api.responses import inference_response
+from appliance.api.schemas import Texts
 from appliance.api.tasks import VECTORISE, Endpoint, Work, as_batch
 from appliance.errors import ValidationFailed
 from appliance.inference import Outcome
 
 
 class EmbeddingsBody(msgspec.Struct, kw_only=True):
-    input: str | list[Any]
+    input: str | Texts
     """A text or a list of texts (token-id arrays are not accepted: tokenizers differ)."""
     model: str = "english"
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Keep the first N dimensions and re-normalise (for models trained for it)."""
     user: str | None = None
 

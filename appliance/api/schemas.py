@@ -3,9 +3,41 @@ in /openapi.json."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+
+from appliance.errors import ValidationFailed
+
+T = TypeVar("T")
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+Texts = Annotated[list[str], msgspec.Meta(min_length=1)]
+"""A batch of texts: one at least (the most per request is server.max_batch_items)."""
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+EXACTLY_ONE: dict[str, tuple[str, ...]] = {}
+"""Body struct name -> fields of which a request must give exactly one (non-null). The
+OpenAPI document states it as a oneOf (api/docs.py); handlers check it with check_one()."""
+
+
+def exactly_one(*fields: str) -> Callable[[type[T]], type[T]]:
+    def mark(cls: type[T]) -> type[T]:
+        EXACTLY_ONE[cls.__name__] = fields
+        return cls
+
+    return mark
+
+
+def check_one(body: Any) -> str:
+    """The one field of EXACTLY_ONE[type(body)] that `body` gives; 422 naming them if not."""
+    fields = EXACTLY_ONE[type(body).__name__]
+    given = [f for f in fields if getattr(body, f) is not None]
+    if len(given) != 1:
+        names = " and ".join(f"`{f}`" for f in fields)
+        raise ValidationFailed(f"Send exactly one of {names}.", details={"field": fields[0]})
+    return given[0]
 
 
 class PredictBody(msgspec.Struct, kw_only=True):

@@ -18,6 +18,7 @@ from litestar import Request, Response, post
 from litestar.di import Provide
 
 from appliance.api.responses import call_for, inference_response
+from appliance.api.schemas import Fraction, Texts
 from appliance.classifiers import ClassifierStore
 from appliance.config import Settings
 from appliance.errors import ValidationFailed
@@ -102,7 +103,7 @@ def one_or_list(values: list[Any], batch: bool) -> Any:
 
 
 class TextVectorisationBody(msgspec.Struct, kw_only=True):
-    text: str | list[str]
+    text: str | Texts
     """A text, or a list of texts (batch: the answer is a list in the same order)."""
     model: str = "english"
     """A model slug or an alias from config (english, multilingual, clip, ...)."""
@@ -116,7 +117,7 @@ class VectorResponse(msgspec.Struct):
 
 
 class TextClassificationBody(msgspec.Struct, kw_only=True):
-    text: str | list[str]
+    text: str | Texts
     labels: list[Any]
     """Labels to score; for a batch, one list for all texts or one list per text."""
     model: str = "english"
@@ -144,9 +145,9 @@ class QAResponse(msgspec.Struct):
 
 
 class EmotionBody(msgspec.Struct, kw_only=True):
-    text: str | list[str]
+    text: str | Texts
     model: str = "english"
-    threshold: float = 0.5
+    threshold: Fraction = 0.5
     """Emotions scoring at least this are returned (the top one when none does)."""
 
 

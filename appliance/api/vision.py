@@ -10,6 +10,7 @@ import msgspec
 from litestar import Response, post
 
 from appliance.api.responses import inference_response
+from appliance.api.schemas import Texts
 from appliance.api.tasks import Endpoint, Work, as_batch
 from appliance.errors import ValidationFailed
 from appliance.inference import Outcome
@@ -20,7 +21,7 @@ IMAGE_LABELS = {CLIP, "image-classification"}
 
 
 class ImageVectorisationBody(msgspec.Struct, kw_only=True):
-    image: str | list[str]
+    image: str | Texts
     """A base64 JPEG, PNG or WebP (a data:image/...;base64, prefix is accepted), or a list of
     them (batch: the answer is a list in the same order)."""
     model: str = "clip"
@@ -28,7 +29,7 @@ class ImageVectorisationBody(msgspec.Struct, kw_only=True):
 
 
 class ImageClassificationBody(msgspec.Struct, kw_only=True):
-    image: str | list[str]
+    image: str | Texts
     """A base64 JPEG, PNG or WebP, or a list of them (batch)."""
     labels: list[str] | None = None
     """The labels to choose from (required for a CLIP model; for an image classifier a subset
