@@ -466,6 +466,13 @@ def test_keys_api_needs_admin(client: TestClient, predict_key: str) -> None:
     )
 
 
+def test_an_offset_past_64_bits_is_a_client_error(client: TestClient, admin_key: str) -> None:
+    """Found by schemathesis: SQLite's integers are 64-bit, a larger offset was a 500."""
+    r = client.get("/v1/logs?offset=7135662278826906353664", headers={"x-api-key": admin_key})
+    assert r.status_code in (400, 422), r.text
+    assert r.json()["details"]
+
+
 def test_secrets_never_reach_disk_or_logs(client: TestClient, admin_key: str, caplog) -> None:  # type: ignore[no-untyped-def]
     _, secret = client.keys.create("k", ["predict"])  # type: ignore[attr-defined]
     embed(client, secret, "hello")

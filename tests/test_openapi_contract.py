@@ -33,6 +33,14 @@ RULES_IN_CODE_ONLY = {
     # A list of questions needs a list of contexts of the same length (or one context).
     "/v1/qa",
     "/qa",
+    # Per-text label lists must number as many as the texts.
+    "/v1/text-classification",
+    "/text-classification",
+    # `stream: true` takes one text, not a list.
+    "/v1/text-generation",
+    "/text-generation",
+    # `expires_at` is a date-time: JSON Schema's `format` annotates, generators may ignore it.
+    "/v1/keys",
     # `file` must hold a PDF or DOCX in base64: its content is beyond a schema.
     "/v1/classify",
     "/v1/tag",

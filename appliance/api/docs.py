@@ -88,7 +88,9 @@ def request_bodies(doc: dict[str, Any], structs: list[type[msgspec.Struct]]) -> 
     constraints (lengths, ranges, patterns) of a union's members, e.g. the minItems of
     `str | Annotated[list[str], Meta(min_length=1)]`, so its document allowed what the
     decoder refuses."""
-    _, components = msgspec.json.schema_components(structs, ref_template="#/components/schemas/{name}")
+    _, components = msgspec.json.schema_components(
+        structs, ref_template="#/components/schemas/{name}"
+    )
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name, schema in components.items():
         if name in schemas:

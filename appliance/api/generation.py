@@ -19,6 +19,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from appliance.api.responses import inference_response
+from appliance.api.schemas import Texts
 from appliance.api.tasks import Endpoint, Work, as_batch
 from appliance.errors import ApplianceError, ValidationFailed, error_body, request_id_of
 from appliance.inference import Outcome
@@ -40,7 +41,7 @@ PARAMETERS = (
 
 
 class TextGenerationBody(msgspec.Struct, kw_only=True):
-    text: str | list[str]
+    text: str | Texts
     """The prompt, or a list of prompts (batch: the answer is a list in the same order)."""
     model: str = "gpt2-large"
     """A model slug or an alias from config."""

@@ -12,6 +12,7 @@ import msgspec
 from litestar import Response, post
 
 from appliance.api.responses import inference_response
+from appliance.api.schemas import Texts
 from appliance.api.tasks import Endpoint, Work, as_batch, one_or_list
 from appliance.inference import Outcome
 
@@ -27,7 +28,7 @@ PARAMETERS = (
 
 
 class SummarisationBody(msgspec.Struct, kw_only=True):
-    text: str | list[str]
+    text: str | Texts
     """A text, or a list of texts (batch: the answer is a list in the same order)."""
     model: str = "english"
     """A model slug or an alias from config."""
