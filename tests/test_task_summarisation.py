@@ -276,7 +276,12 @@ def test_defaults_are_the_summarization_pipelines(
         assert raw[0] == expected
         result = runner.postprocess(item, raw)
         assert result.output == {"output": decode(s2s_checkpoints[slug], expected).strip()}
-        assert result.tokens == item.n_input + len(expected)
+        # Charged per beam: every beam is a decoder row that ran at least the summary's steps.
+        beams = item.request.num_beams
+        if beams == 1:
+            assert result.tokens == item.n_input + len(expected)
+        else:
+            assert item.n_input + beams * len(expected) <= result.tokens <= runner.cost(item)
 
 
 @pytest.mark.parametrize("slug", MODELS)
@@ -292,8 +297,11 @@ def test_min_and_max_length_are_respected(runners: dict[str, Runner], slug: str)
             # A forced EOS takes the last place (transformers' forced_eos_token_id).
             lowest = min(low, high - 1) if forced_eos else low
             assert lowest <= n <= high, (low, high, n)
-            assert runner.cost(item) == item.n_input + high
-            assert runner.postprocess(item, raw).tokens == item.n_input + n
+            assert runner.cost(item) == item.n_input + beams * high  # every beam reserved
+            tokens = runner.postprocess(item, raw).tokens
+            assert item.n_input + beams * n <= tokens <= runner.cost(item)
+            if beams == 1:
+                assert tokens == item.n_input + n
 
 
 # ---- the same tokens as transformers: the decoding, on the fp32 graphs ------------------------
@@ -492,6 +500,29 @@ def test_predict_api_summarises_and_validates(
     assert batch.status_code == 422 and batch.json()["code"] == "BATCH_NOT_SUPPORTED"
     details = client.get("/v1/models/tiny-bart", headers=auth).json()["data"]
     assert details["task"] == "summarisation"
+
+
+def test_every_beam_is_charged(
+    api: tuple[TestClient, dict[str, str]], runners: dict[str, Runner]
+) -> None:
+    """Issue #13: beams were never charged. Four beams bill four decoder rows: at least four
+    times the summary's tokens over the input, more than one beam, at most the reservation."""
+    client, auth = api
+    runner = runners["tiny-bart"]
+    [item] = runner.preprocess([runner.parse_input({"text": DOCUMENTS[1]})])
+    used = {}
+    for beams in (1, 4):
+        body = {"text": DOCUMENTS[1], "model": "tiny-bart", "max_length": 10, "num_beams": beams}
+        r = client.post(URL, json=body, headers={**auth, "Cache-Control": "no-store"})
+        assert r.status_code == 200, r.text
+        used[beams] = int(r.headers["x-tokens-used"])
+    [four] = runner.preprocess(
+        [runner.parse_input({"text": DOCUMENTS[1], "max_length": 10, "num_beams": 4})]
+    )
+    best = runner.infer([four])[0][0]
+    assert 0 < len(best) <= 10 and 0 < used[1] - item.n_input <= 10
+    # Unbilled beams (the old way) would be n_input + len(best).
+    assert item.n_input + 4 * len(best) <= used[4] <= item.n_input + 4 * 10
 
 
 def test_task_api_summarises_one_text_or_a_list_in_order(

@@ -417,8 +417,10 @@ class SummarisationRunner(Runner[SummarisationInput, SummarisationItem, list[lis
         return item.request.num_beams * (item.n_input + item.request.max_length)
 
     def cost(self, item: SummarisationItem) -> int:
-        """A reservation: the input and the most tokens the summary may have."""
-        return item.n_input + item.request.max_length
+        """A reservation: the input (encoded once, its states shared by the beams) and, for
+        every beam, the most tokens the summary may have: each beam is a decoder row that
+        runs every step, as generation charges its rows."""
+        return item.n_input + item.request.num_beams * item.request.max_length
 
     # ---- model ---------------------------------------------------------------------------
 
@@ -444,9 +446,12 @@ class SummarisationRunner(Runner[SummarisationInput, SummarisationItem, list[lis
 
     def postprocess(self, item: SummarisationItem, raw: list[list[int]]) -> ItemResult:
         best = raw[0] if raw else []
+        # Billed per beam, as reserved: every beam ran as many steps as the longest result.
+        steps = max((len(ids) for ids in raw), default=0)
+        tokens = min(item.n_input + item.request.num_beams * steps, self.cost(item))
         return ItemResult(
             {"output": self.decode(best).strip()},
-            tokens=item.n_input + len(best),
+            tokens=tokens,
             truncated=item.encoded.truncated,
         )
 
