@@ -88,6 +88,7 @@ def create_app(
     registry = Registry(settings, metrics)
     metrics.watch_models(registry.entries)
     usage = UsageLog(settings.usage_path, retention_days=settings.usage.retention_days)
+    metrics.watch_usage(lambda: usage.dropped)
     cache = ResponseCache(
         settings.cache_path,
         size_limit_bytes=settings.cache.size_limit_mb * 1024 * 1024,

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -41,6 +41,19 @@ class _ModelState(Collector):
                 depth.add_metric([e.slug], float(e.batcher.depth))
         yield loaded
         yield depth
+
+
+class _Dropped(Collector):
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self.dropped = dropped
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "appliance_usage_records_dropped",
+            "Usage records dropped because the usage queue was full (the disk lagged)",
+        )
+        family.add_metric([], float(self.dropped()))
+        yield family
 
 
 class Metrics:
@@ -99,6 +112,10 @@ class Metrics:
 
     def watch_models(self, entries: Callable[[], Iterable[ModelEntry]]) -> None:
         self.registry.register(_ModelState(entries))
+
+    def watch_usage(self, dropped: Callable[[], int]) -> None:
+        """Usage records dropped because the usage queue was full (read at scrape time)."""
+        self.registry.register(_Dropped(dropped))
 
     def batch_observer(self, model: str) -> Callable[[int, list[float], float], None]:
         queue, infer, size = (

@@ -316,6 +316,24 @@ def model_rows(client: TestClient, key: str, expected: int) -> list[dict]:
     return result
 
 
+def test_a_full_usage_queue_drops_at_once_and_counts_it(tmp_path: Path) -> None:
+    """record() runs on the event loop: with the writer behind, it must not wait (it waited
+    up to a second), and what it drops shows in /metrics."""
+    from appliance.gateway.usage import Record, UsageLog
+    from appliance.metrics import Metrics
+
+    log = UsageLog(tmp_path / "usage.db", retention_days=1, max_pending=2)  # writer not started
+    metrics = Metrics()
+    metrics.watch_usage(lambda: log.dropped)
+    record = Record(time.time(), "k", "POST /x", None, 200, 1.0, 0, False, "r")
+    started = time.perf_counter()
+    for _ in range(5):
+        log.record(record)
+    assert time.perf_counter() - started < 0.05
+    assert log.dropped == 3
+    assert b"appliance_usage_records_dropped_total 3.0" in metrics.render()
+
+
 def test_usage_totals_equal_the_tokens_the_responses_reported(
     client: TestClient, predict_key: str
 ) -> None:

@@ -1,7 +1,8 @@
 """Usage: every request recorded in an embedded SQLite database (WAL), written by one
-background thread so that logging never fails a request (a full queue makes it wait up to
-RECORD_WAIT_SECONDS); per-key token spend for quotas is kept in memory and committed to its
-own table by the request itself, so neither a full queue nor kill -9 loses it."""
+background thread so that logging never fails or stalls a request (a full queue drops the
+record: counted, logged, in /metrics); per-key token spend for quotas is kept in memory and
+committed to its own table by the request itself, so neither a full queue nor kill -9 loses
+it."""
 
 from __future__ import annotations
 
@@ -52,9 +53,6 @@ class Record:
 
 
 _STOP = object()
-RECORD_WAIT_SECONDS = 1.0
-"""How long a request waits for room in a full usage queue before its record is dropped
-(counted in `dropped` and logged)."""
 
 
 class UsageLog:
@@ -143,8 +141,10 @@ class UsageLog:
     # ---- request path (never blocks) -----------------------------------------------------
     def record(self, record: Record) -> None:
         try:
-            # Full means the disk lags: wait for it briefly rather than lose the record.
-            self._queue.put(record, timeout=RECORD_WAIT_SECONDS)
+            # Called on the event loop: waiting for room would stall every request. Full
+            # means the disk lags by max_pending records; the record is dropped and counted
+            # (appliance_usage_records_dropped_total). Quota spend never goes this way.
+            self._queue.put_nowait(record)
         except queue.Full:
             self.dropped += 1
             if self.dropped % 1000 == 1:
