@@ -61,6 +61,7 @@ PIPELINES: dict[str, str] = {
     "zero-shot-image-classification": "exporters.vision:export_clip",
     "image-classification": "exporters.vision:export_image_classifier",
     "custom": "exporters.custom:export_custom",
+    "text-ranking": "exporters.rerank:export_reranker",
 }
 
 ALL_TASKS = (*TASKS, *PIPELINES)

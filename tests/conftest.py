@@ -61,8 +61,11 @@ def build_tiny_bert(
     labels: list[str] | None = None,
     multi_label: bool = False,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> Path:
-    """A 2-layer BERT with random weights: an encoder, or a classifier when labels are given."""
+    """A 2-layer BERT with random weights: an encoder, or a classifier when labels are given.
+    A larger initializer_range makes its outputs vary more with the input (a reranker's
+    scores must differ for its ranks to mean anything)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
@@ -77,6 +80,7 @@ def build_tiny_bert(
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     if labels:

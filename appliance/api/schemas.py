@@ -13,6 +13,11 @@ from appliance.errors import ValidationFailed
 T = TypeVar("T")
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+NON_BLANK = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+"""Some character that is not whitespace to Python's str.strip(), spelled out because `\S`
+means different sets in Python's re and in JSON Schema's (ECMA-262) regexes."""
+Text = Annotated[str, msgspec.Meta(pattern=NON_BLANK)]
+"""A text that is not blank."""
 Texts = Annotated[list[str], msgspec.Meta(min_length=1)]
 """A batch of texts: one at least (the most per request is server.max_batch_items)."""
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from appliance.api import classify, generation, openai, summarise, tasks, vision
+from appliance.api import classify, generation, openai, rerank, summarise, tasks, vision
 from appliance.api.tasks import Endpoint
 
 
@@ -32,6 +32,7 @@ _ALL: dict[str, Endpoint] = {
     **generation.ENDPOINTS,
     **vision.ENDPOINTS,
     **summarise.ENDPOINTS,
+    **rerank.ENDPOINTS,
 }
 
 JOB_ENDPOINTS: dict[str, JobEndpoint] = {

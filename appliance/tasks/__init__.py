@@ -25,6 +25,7 @@ RUNNERS: dict[str, str] = {
     "zero-shot-image-classification": "appliance.tasks.clip:ClipRunner",
     "image-classification": "appliance.tasks.image:ImageClassificationRunner",
     "custom": "appliance.tasks.custom:CustomRunner",
+    "text-ranking": "appliance.tasks.rerank:RerankRunner",
 }
 
 __all__ = ["RUNNERS", "ItemResult", "Runner", "build_runner", "runner_class"]
