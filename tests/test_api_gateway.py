@@ -484,6 +484,18 @@ def test_keys_api_needs_admin(client: TestClient, predict_key: str) -> None:
     )
 
 
+def test_a_bad_authorization_header_is_judged_even_beside_a_good_x_api_key(
+    client: TestClient, admin_key: str
+) -> None:
+    good = {"x-api-key": admin_key}
+    assert client.get("/v1/keys", headers=good).status_code == 200
+    for header in ("Bearer nope", "Basic " + admin_key, admin_key, "Bearer "):
+        r = client.get("/v1/keys", headers={**good, "Authorization": header})
+        assert r.status_code == 401, (header, r.text)
+    ok = client.get("/v1/keys", headers={"Authorization": f"bearer {admin_key}"})
+    assert ok.status_code == 200
+
+
 def test_an_offset_past_64_bits_is_a_client_error(client: TestClient, admin_key: str) -> None:
     """Found by schemathesis: SQLite's integers are 64-bit, a larger offset was a 500."""
     r = client.get("/v1/logs?offset=7135662278826906353664", headers={"x-api-key": admin_key})

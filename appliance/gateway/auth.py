@@ -27,7 +27,7 @@ def presented_secret(connection: ASGIConnection[Any, Any, Any, Any]) -> str | No
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        return header  # matches no key: 401
+        return ""  # not a Bearer credential: matches no key, 401
     return connection.headers.get("x-api-key") or None
 
 
