@@ -35,14 +35,13 @@ from appliance.api import (
 )
 from appliance.api.recorder import request_recorder
 from appliance.api.request_id import request_id_middleware
-from appliance.classifiers import ClassifierStore
+from appliance.backends import Backends, open_backends
 from appliance.config import Settings
 from appliance.errors import exception_handler
 from appliance.gateway.auth import auth_hook
 from appliance.gateway.cache import ResponseCache
 from appliance.gateway.keys import KeyStore
 from appliance.gateway.ratelimit import RateLimiter
-from appliance.gateway.usage import UsageLog
 from appliance.inference import Inference
 from appliance.jobs.manager import JobManager
 from appliance.lifecycle import Lifecycle
@@ -51,6 +50,19 @@ from appliance.models.builds import Builds
 from appliance.models.registry import Registry
 
 log = logging.getLogger("appliance")
+
+
+def wire_cluster_events(
+    backends: Backends, registry: Registry, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Models changed on another replica: rescan the shared models_dir now. Changes made
+    here are announced to the others."""
+
+    def rescan(_: dict[str, str]) -> None:
+        asyncio.run_coroutine_threadsafe(registry.sync(), loop)
+
+    backends.events.on("models", rescan)
+    registry.announce = lambda: backends.events.publish("models")  # type: ignore[method-assign]
 
 
 def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
@@ -83,12 +95,13 @@ def create_app(
     lifecycle: Lifecycle | None = None,
 ) -> Litestar:
     settings.data_path.mkdir(parents=True, exist_ok=True)
-    keys = keys or KeyStore(settings.keys_path)
     lifecycle = lifecycle or Lifecycle()
     metrics = Metrics()
+    backends = open_backends(settings, metrics)  # files, or PostgreSQL + Redis: chosen once
+    keys = keys or backends.keys
+    usage, classifiers = backends.usage, backends.classifiers
     registry = Registry(settings, metrics)
     metrics.watch_models(registry.entries)
-    usage = UsageLog(settings.usage_path, retention_days=settings.usage.retention_days)
     metrics.watch_usage(lambda: usage.dropped)
     cache = ResponseCache(
         settings.cache_path,
@@ -96,17 +109,20 @@ def create_app(
         ttl_seconds=settings.cache.ttl_seconds,
         enabled=settings.cache.enabled,
         scope=settings.cache.scope,
+        shared=backends.shared_cache,
     )
-    builds = Builds(settings, registry)
-    inference = Inference(registry, cache, limiter or RateLimiter(), usage, settings.limits)
-    classifiers = ClassifierStore(
-        settings.data_path / "classifiers.json", max_per_key=settings.classifiers.max_per_key
+    builds = Builds(settings, registry, backends.leases)
+    inference = Inference(registry, cache, limiter or backends.limiter, usage, settings.limits)
+    job_manager = JobManager(
+        settings, inference, keys, usage, classifiers, metrics, leases=backends.leases
     )
-    job_manager = JobManager(settings, inference, keys, usage, classifiers, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        bootstrap_admin_key(settings, keys)
+        await asyncio.to_thread(backends.start)
+        if backends.cluster:
+            wire_cluster_events(backends, registry, asyncio.get_running_loop())
+        await asyncio.to_thread(bootstrap_admin_key, settings, keys)
         await asyncio.to_thread(usage.start)
         await registry.start()
         await job_manager.start()  # resumes the jobs that were running
@@ -118,6 +134,7 @@ def create_app(
             await registry.stop()
             await asyncio.to_thread(usage.stop)
             await asyncio.to_thread(cache.close)  # waits for queued cache writes
+            await asyncio.to_thread(backends.stop)
 
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
@@ -158,6 +175,7 @@ def create_app(
             "jobs": provide(job_manager),
             "metrics": provide(metrics),
             "lifecycle": provide(lifecycle),
+            "backends": provide(backends),
             "work": tasks.work_provider(inference, settings, classifiers),
         },
         # 404 and 405 are raised by the router before any handler: they need their own keys.

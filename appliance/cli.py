@@ -24,6 +24,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Inspect exported models.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(batch_app, name="batch")
+cluster_app = typer.Typer(no_args_is_help=True, help="Cluster mode (PostgreSQL + Redis).")
+app.add_typer(cluster_app, name="cluster")
 
 # Commands that write state (keys, usage log, response cache, jobs, saved classifiers) make
 # it readable by the owner only: it holds key hashes and users' inputs. Exports and bundles
@@ -77,16 +79,17 @@ def keys_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create a key. The secret is printed once, alone on the last line."""
-    from appliance.gateway.keys import KeyStore, KeyStoreError
+    from appliance.backends import key_store
+    from appliance.gateway.keys import KeyStoreError
 
     settings = settings_or_exit(config)
-    store = KeyStore(settings.keys_path)
     try:
-        key, secret = store.create(
-            name,
-            [s.strip() for s in scopes.split(",") if s.strip()],
-            models=[m.strip() for m in models.split(",") if m.strip()],
-        )
+        with key_store(settings) as store:
+            key, secret = store.create(
+                name,
+                [s.strip() for s in scopes.split(",") if s.strip()],
+                models=[m.strip() for m in models.split(",") if m.strip()],
+            )
     except KeyStoreError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
@@ -100,21 +103,24 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(config: ConfigOpt = None) -> None:
     """List keys (never their secrets)."""
-    from appliance.gateway.keys import KeyStore
+    from appliance.backends import key_store
 
     settings = settings_or_exit(config)
-    for key in KeyStore(settings.keys_path).list():
-        typer.echo(json.dumps(key.public()))
+    with key_store(settings) as store:
+        for key in store.list():
+            typer.echo(json.dumps(key.public()))
 
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
     """Revoke a key by id; a running server refuses it within a second."""
-    from appliance.gateway.keys import KeyStore, KeyStoreError
+    from appliance.backends import key_store
+    from appliance.gateway.keys import KeyStoreError
 
     settings = settings_or_exit(config)
     try:
-        KeyStore(settings.keys_path).revoke(key_id)
+        with key_store(settings) as store:
+            store.revoke(key_id)
     except KeyStoreError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
@@ -136,7 +142,8 @@ def keys_set_limits(
     config: ConfigOpt = None,
 ) -> None:
     """Change a key's rate limits or token quota; a running server applies them at once."""
-    from appliance.gateway.keys import KeyStore, KeyStoreError
+    from appliance.backends import key_store
+    from appliance.gateway.keys import KeyStoreError
 
     fields = {
         name: value
@@ -155,7 +162,8 @@ def keys_set_limits(
         raise typer.Exit(2)
     settings = settings_or_exit(config)
     try:
-        key = KeyStore(settings.keys_path).update(key_id, **fields)
+        with key_store(settings) as store:
+            key = store.update(key_id, **fields)
     except KeyStoreError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
@@ -401,3 +409,30 @@ def bench(
 
 if __name__ == "__main__":  # python -m appliance.cli
     app(sys.argv[1:], prog_name="appliance")
+
+
+@cluster_app.command("import")
+def cluster_import(
+    data_dir: Annotated[Path, typer.Argument(help="A single box's data_dir.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Copy a single box's keys, classifiers, usage and spend into cluster.database_url."""
+    settings = settings_or_exit(config)
+    if not settings.cluster.database_url:
+        typer.secho("set cluster.database_url (APPLIANCE_CLUSTER__DATABASE_URL)", err=True)
+        raise typer.Exit(2)
+    if not data_dir.is_dir():
+        typer.secho(f"{data_dir} is not a folder", err=True)
+        raise typer.Exit(2)
+    from appliance.cluster.importer import AlreadyImported, import_data_dir
+    from appliance.cluster.setup import open_database
+
+    db = open_database(settings)
+    try:
+        done = import_data_dir(db, data_dir, settings.auth.keys_file)
+    except AlreadyImported as exc:
+        typer.secho(str(exc), err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.close()
+    typer.echo(json.dumps(done.__dict__))

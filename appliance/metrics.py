@@ -109,6 +109,11 @@ class Metrics:
         self.backend_errors = Counter(
             "appliance_backend_errors", "Failed calls to a shared backend", ["backend"], registry=r
         )
+        self.fail_open = Counter(
+            "appliance_backend_fail_open",
+            "Requests admitted without a limit or quota decision (Redis down, fail_open)",
+            registry=r,
+        )
 
     def watch_models(self, entries: Callable[[], Iterable[ModelEntry]]) -> None:
         self.registry.register(_ModelState(entries))

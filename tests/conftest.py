@@ -248,3 +248,31 @@ def custom_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     out = tmp_path_factory.mktemp("custom-models")
     export_model(src, "custom", out_dir=out, slug="my-model")
     return src / "net.onnx", out
+
+
+# ---- cluster mode: one real PostgreSQL and one Redis per test session ----------------------
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    from tests.cluster_servers import start_postgres
+
+    pg = start_postgres()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[object]:
+    from tests.cluster_servers import start_redis
+
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster_env(postgres: object, redis_server: object) -> dict[str, str]:
+    """Settings for one cluster (a fresh database and Redis db); replicas differ by id."""
+    return {
+        "APPLIANCE_CLUSTER__DATABASE_URL": postgres.new_database(),  # type: ignore[attr-defined]
+        "APPLIANCE_CLUSTER__REDIS_URL": redis_server.new_url(),  # type: ignore[attr-defined]
+    }

@@ -467,8 +467,10 @@ def test_real_smollm2_int8_follows_pytorch_and_writes_english(
     ]
     chosen = _choose(trials, metrics["torch_tokens_per_second"], 0.5)
     assert chosen is not None and manifest.exporter["chosen_scheme"] == chosen.scheme
+    # The manifest keeps both speeds rounded to 0.01 tokens/s, the ratio from the unrounded
+    # ones: on a slow PyTorch run (~1.5 tokens/s on a loaded machine) that is ~1% apart.
     assert metrics["speedup_vs_torch"] == pytest.approx(
-        metrics["tokens_per_second"] / metrics["torch_tokens_per_second"], abs=0.01
+        metrics["tokens_per_second"] / metrics["torch_tokens_per_second"], rel=0.02
     )
     # The first two layers in fp32 keep more greedy tokens than all-int8 compute (the same
     # prompts, deterministic: this is fidelity, not speed).

@@ -7,6 +7,7 @@ from typing import Any
 from litestar import Response, get
 
 from appliance import __version__
+from appliance.backends import Backends
 from appliance.lifecycle import Lifecycle
 from appliance.metrics import CONTENT_TYPE, Metrics
 from appliance.models.registry import Registry
@@ -19,7 +20,9 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", tags=["operations"])
-async def readyz(registry: Registry, lifecycle: Lifecycle) -> Response[dict[str, Any]]:
+async def readyz(
+    registry: Registry, lifecycle: Lifecycle, backends: Backends
+) -> Response[dict[str, Any]]:
     """200 once start-up has loaded and warmed the models. Models that failed are listed
     with their status only, the reason is in the log (the others serve: status "degraded");
     503 before start-up ends, when no model can serve, or once shutdown has begun (so load
@@ -45,7 +48,12 @@ async def readyz(registry: Registry, lifecycle: Lifecycle) -> Response[dict[str,
     else:
         status, code = ("ready" if len(serving) == len(models) else "degraded"), 200
     headers = {"Retry-After": "5"} if code == 503 else {}
-    return Response({"status": status, "models": models}, status_code=code, headers=headers)
+    body: dict[str, Any] = {"status": status, "models": models}
+    if backends.health is not None:
+        # Cluster mode: each shared backend's state. A backend down does not take the replica
+        # out of rotation (every replica shares it; on_redis_down decides what requests get).
+        body["backends"] = backends.health.states()
+    return Response(body, status_code=code, headers=headers)
 
 
 def metrics_handler(open_access: bool) -> Any:

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import diskcache
 import msgspec
@@ -65,6 +65,14 @@ def cache_key(slug: str, fingerprint: str, task: str, item: Any, params: dict[st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class SharedCache(Protocol):
+    """A second cache level shared by replicas: the same keys and encoded entries."""
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
+
+    def set_many(self, blobs: dict[str, bytes], ttl: float) -> None: ...
+
+
 MAX_QUEUED = 10_000
 """Entries waiting for the writer, at most; past it new answers go uncached (a stuck disk)."""
 
@@ -78,13 +86,16 @@ class ResponseCache:
         ttl_seconds: float,
         enabled: bool = True,
         scope: str = "key",
+        shared: SharedCache | None = None,
     ) -> None:
         self.directory = directory
         self.scope = scope  # "key": callers pass their key id into cache_key (see config)
         self.size_limit = size_limit_bytes
         self.ttl = ttl_seconds
+        self.shared = shared  # cluster mode: a second level every replica reads (Redis)
         self._cache: diskcache.Cache | None = self._open() if enabled else None
         self._queued: dict[str, bytes] = {}  # encoded entries not yet committed
+        self._local_only: dict[str, bytes] = {}  # queued entries that came from `shared`
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._writes = 0  # batches handed to the writer
@@ -129,10 +140,17 @@ class ResponseCache:
             return {}
         hits: dict[str, Hit] = {}
         try:
+            values: dict[str, Any] = {}
             for key in dict.fromkeys(keys):
                 value = self._queued.get(key)
-                if value is None:
-                    value = self._cache.get(key)
+                values[key] = self._cache.get(key) if value is None else value
+            if self.shared is not None:
+                missing = [k for k, v in values.items() if not isinstance(v, bytes)]
+                if missing:
+                    found = self.shared.get_many(missing)
+                    values.update(found)
+                    self._keep_local(found)
+            for key, value in values.items():
                 if not isinstance(value, bytes):
                     continue
                 try:
@@ -146,6 +164,17 @@ class ResponseCache:
             log.warning("cache read failed (%s): treated as a miss", exc)
             return {}
         return hits
+
+    def _keep_local(self, blobs: dict[str, bytes]) -> None:
+        """Entries another replica computed, written to this disk too (not back to Redis)."""
+        if not blobs or self._closing:
+            return
+        with self._lock:
+            if len(self._queued) + len(blobs) <= MAX_QUEUED:
+                self._queued.update(blobs)
+                self._local_only.update(blobs)
+                self._writes += 1
+                self._wake.notify_all()
 
     def set_many(self, items: dict[str, tuple[dict[str, Any], bool]]) -> None:
         """Queue the answers for the writer; readable by `get_many` from now on."""
@@ -177,6 +206,11 @@ class ResponseCache:
                 if self._written >= self._writes:  # closing, nothing left
                     return
                 batch, target = dict(self._queued), self._writes
+                local_only, self._local_only = self._local_only, {}
+            if self.shared is not None:
+                fresh = {k: v for k, v in batch.items() if local_only.get(k) is not v}
+                if fresh:
+                    self.shared.set_many(fresh, self.ttl)
             try:
                 # One SQLite transaction for everything queued meanwhile.
                 with self._cache.transact():

@@ -69,6 +69,52 @@ class KeyStoreError(ValueError):
     """A key operation was refused (bad scope, unknown id)."""
 
 
+def new_key(
+    name: str,
+    scopes: list[str],
+    *,
+    models: list[str] | None = None,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+    token_quota: int | None = None,
+    expires_at: str | None = None,
+    secret: str | None = None,
+) -> tuple[ApiKey, str]:
+    """A new key and its secret, validated; every key store creates keys through this."""
+
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise KeyStoreError(f"scopes must be among {', '.join(SCOPES)}; got {scopes}")
+    if models is not None and not models:
+        # An empty allowlist used to mean "every model": refuse it rather than guess.
+        raise KeyStoreError("models must name at least one model (or *); omit it for all")
+    secret = secret or SECRET_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id="key_" + secrets.token_hex(8),
+        name=name,
+        hash=hash_secret(secret),
+        scopes=list(dict.fromkeys(scopes)),
+        models=["*"] if models is None else list(dict.fromkeys(models)),
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        token_quota=token_quota,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        expires_at=expires_at,
+    )
+    return key, secret
+
+
+UPDATABLE = frozenset(
+    {"requests_per_minute", "tokens_per_minute", "token_quota", "models", "expires_at", "name"}
+)
+"""What `update` may change: limits, models, expiry, name (never the secret, id or scopes)."""
+
+
+def check_update(fields: dict[str, object]) -> None:
+    if unknown := set(fields) - UPDATABLE:
+        raise KeyStoreError(f"cannot change {', '.join(sorted(unknown))}")
+
+
 class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -131,24 +177,15 @@ class KeyStore:
     ) -> tuple[ApiKey, str]:
         """Add a key; returns it and its secret, which is not stored anywhere. `secret` is for
         an operator-provided admin key (auth.admin_key_file); otherwise one is generated."""
-        bad = [s for s in scopes if s not in SCOPES]
-        if bad or not scopes:
-            raise KeyStoreError(f"scopes must be among {', '.join(SCOPES)}; got {scopes}")
-        if models is not None and not models:
-            # An empty allowlist used to mean "every model": refuse it rather than guess.
-            raise KeyStoreError("models must name at least one model (or *); omit it for all")
-        secret = secret or SECRET_PREFIX + secrets.token_urlsafe(32)
-        key = ApiKey(
-            id="key_" + secrets.token_hex(8),
-            name=name,
-            hash=hash_secret(secret),
-            scopes=list(dict.fromkeys(scopes)),
-            models=["*"] if models is None else list(dict.fromkeys(models)),
+        key, secret = new_key(
+            name,
+            scopes,
+            models=models,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
             token_quota=token_quota,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             expires_at=expires_at,
+            secret=secret,
         )
         with self._locked():
             keys = self._read()
@@ -172,16 +209,7 @@ class KeyStore:
 
     def update(self, key_id: str, **fields: object) -> ApiKey:
         """Change a key's limits or models (not its secret, id or scopes)."""
-        allowed = {
-            "requests_per_minute",
-            "tokens_per_minute",
-            "token_quota",
-            "models",
-            "expires_at",
-            "name",
-        }
-        if unknown := set(fields) - allowed:
-            raise KeyStoreError(f"cannot change {', '.join(sorted(unknown))}")
+        check_update(fields)
         with self._locked():
             keys = self._read()
             for i, key in enumerate(keys):

@@ -70,6 +70,23 @@ class LimitState:
         }
 
 
+def refuse(what: str, wait: float, limit: int, amount: int, state: LimitState) -> None:
+    if math.isinf(wait):
+        raise RateLimited(
+            f"This request needs {amount} {what}, more than the key's limit of {limit} "
+            f"{what} per minute; split it.",
+            details={"limit": limit, "needed": amount},
+            retry_after=60,
+            headers=state.headers(),
+        )
+    raise RateLimited(
+        f"Rate limit of {limit} {what} per minute exceeded.",
+        details={"limit": limit},
+        retry_after=max(1, math.ceil(wait)),
+        headers=state.headers(),
+    )
+
+
 class RateLimiter:
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
@@ -85,28 +102,12 @@ class RateLimiter:
             bucket.limit = limit
         return bucket
 
-    def _refuse(self, what: str, wait: float, limit: int, amount: int, state: LimitState) -> None:
-        if math.isinf(wait):
-            raise RateLimited(
-                f"This request needs {amount} {what}, more than the key's limit of {limit} "
-                f"{what} per minute; split it.",
-                details={"limit": limit, "needed": amount},
-                retry_after=60,
-                headers=state.headers(),
-            )
-        raise RateLimited(
-            f"Rate limit of {limit} {what} per minute exceeded.",
-            details={"limit": limit},
-            retry_after=max(1, math.ceil(wait)),
-            headers=state.headers(),
-        )
-
     def admit_request(self, key_id: str, rpm: int, tpm: int) -> LimitState:
         now = self.clock()
         bucket = self._bucket(key_id, "requests", rpm)
         wait = bucket.wait_for(1, now)
         if wait > 0:
-            self._refuse("requests", wait, rpm, 1, self.state(key_id, rpm, tpm))
+            refuse("requests", wait, rpm, 1, self.state(key_id, rpm, tpm))
         bucket.take(1, now)
         return self.state(key_id, rpm, tpm)
 
@@ -117,7 +118,7 @@ class RateLimiter:
         bucket = self._bucket(key_id, "tokens", tpm)
         wait = bucket.wait_for(tokens, now)
         if wait > 0:
-            self._refuse("tokens", wait, tpm, tokens, self.state(key_id, rpm, tpm))
+            refuse("tokens", wait, tpm, tokens, self.state(key_id, rpm, tpm))
         bucket.take(tokens, now)
         return self.state(key_id, rpm, tpm)
 

@@ -5,6 +5,7 @@ checkpointed when it stops. A key sees its own jobs; an admin key sees every job
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 import msgspec
 
 from appliance.classifiers import ClassifierStore
+from appliance.cluster.leases import LeaseLost
 from appliance.config import Settings
 from appliance.errors import (
     ApplianceError,
@@ -46,6 +48,8 @@ WRITE_BLOCK = 1 << 20  # the upload reaches the disk in blocks of about this man
 REFUSED_CONTENT_TYPES = ("multipart/", "application/x-www-form-urlencoded")
 FINISHED = ("completed", "failed", "cancelled")
 SWEEP_EVERY_SECONDS = 3600.0  # retention is counted in days: an hourly sweep is precise enough
+TAKEOVER_SECONDS = 3.0  # cluster mode: how often a replica looks for jobs whose replica died
+UPLOAD_GRACE_SECONDS = 6 * 3600.0  # a shared folder's upload younger than this is in progress
 
 
 class JobManager:
@@ -57,8 +61,12 @@ class JobManager:
         usage: UsageLog,
         classifiers: ClassifierStore,
         metrics: Metrics | None = None,
+        leases: Any = None,
     ) -> None:
         self.settings = settings
+        # Cluster mode: the jobs folder is shared by every replica, and a job runs where its
+        # lease (PostgreSQL) is held; the others see it through the folder.
+        self.leases = leases
         self.store = JobStore(settings.data_path / settings.jobs.dir)
         # The same registry, cache and usage log as real-time requests; only the rate limiter
         # differs (jobs are paced by priority, see appliance.jobs.worker).
@@ -70,6 +78,7 @@ class JobManager:
             usage=usage,
             classifiers=classifiers,
             metrics=metrics,
+            leases=leases,
         )
         self.jobs: dict[str, Job] = {}
         self._starting = asyncio.Lock()
@@ -77,6 +86,7 @@ class JobManager:
         self.clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
         self.free_bytes: Callable[[], int] = self._disk_free
         self._sweeper: asyncio.Task[None] | None = None
+        self._taker: asyncio.Task[None] | None = None
 
     def _disk_free(self) -> int:
         folder = self.store.root
@@ -87,14 +97,89 @@ class JobManager:
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Load the jobs on disk and resume the ones that were running."""
-        states = await asyncio.to_thread(self.store.load_all)
+        # Shared folder: another replica's upload in progress is not debris.
+        keep = UPLOAD_GRACE_SECONDS if self.leases is not None else 0.0
+        states = await asyncio.to_thread(self.store.load_all, keep)
         self.jobs = {s.id: Job(s) for s in states}
-        for job in self.jobs.values():
-            if job.state.status == "running":
-                log.info("job %s resumes at line %d", job.state.id, job.state.next_line)
-                self._launch(job)
+        if self.leases is None:
+            for job in self.jobs.values():
+                if job.state.status == "running":
+                    log.info("job %s resumes at line %d", job.state.id, job.state.next_line)
+                    self._launch(job)
         await self.sweep()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep_forever())
+        if self.leases is not None:
+            await self.take_over()
+            self._taker = loop.create_task(self._take_over_forever())
+
+    # ---- cluster mode: jobs whose replica died -----------------------------------------------
+    async def _refresh(self) -> None:
+        if self.leases is not None:
+            await asyncio.to_thread(self._refresh_now)
+
+    def _refresh_now(self) -> None:
+        """Re-read the shared folder: jobs created, progressed or deleted by other replicas.
+        Jobs this replica runs keep their state in memory (it is the newest)."""
+        if self.leases is None:
+            return
+        states = self.store.load_all(UPLOAD_GRACE_SECONDS, clean=False)
+        fresh = {s.id: s for s in states}
+        for job_id in list(self.jobs):
+            if job_id not in fresh and self.jobs[job_id].task is None:
+                del self.jobs[job_id]
+        for job_id, state in fresh.items():
+            job = self.jobs.get(job_id)
+            if job is None:
+                self.jobs[job_id] = Job(state)
+            elif job.task is None:
+                job.state = state
+
+    async def take_over(self) -> list[str]:
+        """Run the jobs marked running whose lease nobody holds (their replica died or
+        stopped): each resumes from its checkpoint. Returns their ids."""
+        await self._refresh()
+        taken = []
+        for job in list(self.jobs.values()):
+            if job.state.status != "running" or job.task is not None:
+                continue
+            try:
+                won = await asyncio.to_thread(self.leases.acquire, job.state.id)
+            except ApplianceError:
+                return taken  # PostgreSQL down: try again at the next round
+            if not won:
+                continue
+            state = await asyncio.to_thread(self.store.load, job.state.id)
+            if state is None or state.status != "running":
+                await asyncio.to_thread(self.leases.release, job.state.id)
+                continue
+            job.state = state
+            log.warning("job %s taken over at line %d", state.id, state.next_line)
+            self._launch(job)
+            taken.append(state.id)
+        return taken
+
+    async def _take_over_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TAKEOVER_SECONDS)
+            try:
+                await self.take_over()
+            except Exception:
+                log.exception("job takeover round failed")
+
+    async def _heartbeat(self, job: Job) -> None:
+        from appliance.cluster.leases import RENEW_SECONDS
+
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            try:
+                held = await asyncio.to_thread(self.leases.renew, job.state.id)
+            except ApplianceError:
+                continue  # PostgreSQL down: the chunk commit checks again
+            if not held:
+                log.warning("job %s: lease lost, stopping here", job.state.id)
+                job.stopping = True
+                return
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -123,9 +208,10 @@ class JobManager:
     async def stop(self) -> None:
         """Let running jobs checkpoint their current chunk (bounded by
         jobs.stop_timeout_seconds), then stop them; they resume at the next start."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for task in (self._sweeper, self._taker):
+            if task is not None:
+                task.cancel()
+        self._sweeper = self._taker = None
         tasks = [job.task for job in self.jobs.values() if job.task is not None]
         for job in self.jobs.values():
             job.stopping = True
@@ -144,10 +230,15 @@ class JobManager:
         )
 
     async def _run(self, job: Job) -> None:
+        beat = None
+        if self.leases is not None:
+            beat = asyncio.get_running_loop().create_task(self._heartbeat(job))
         try:
             await run_job(job, self.services)
         except asyncio.CancelledError:
             raise
+        except LeaseLost:
+            log.warning("job %s: another replica holds it now", job.state.id)
         except Exception:  # a bug or a disk error: fail the job, keep the server
             log.exception("job %s failed", job.state.id)
             error = ApplianceError("The job stopped on an internal error; start it to resume.")
@@ -164,6 +255,12 @@ class JobManager:
             job.state = state
         finally:
             job.task = None
+            if beat is not None:
+                beat.cancel()
+                # Finished or stopping: let go, so that another replica can resume a job that
+                # is still running at once instead of after the lease expires.
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.leases.release, job.state.id)
 
     # ---- operations ------------------------------------------------------------------------
     def target(self, path: str) -> JobEndpoint:
@@ -309,6 +406,7 @@ class JobManager:
 
     def get(self, job_id: str, key: ApiKey) -> Job:
         """The job, if `key` may see it: its own, or any for an admin key; else 404."""
+        self._refresh_now()  # cluster mode: one small read per job folder
         job = self.jobs.get(job_id)
         if job is None or (job.state.key_id != key.id and not key.allows_scope("admin")):
             raise NotFound(f"No batch job '{job_id}'.", details={"id": job_id})
@@ -317,12 +415,14 @@ class JobManager:
     def list(self, key: ApiKey) -> list[Job]:
         """The jobs `key` may see, newest first."""
         admin = key.allows_scope("admin")
+        self._refresh_now()
         jobs = [j for j in self.jobs.values() if admin or j.state.key_id == key.id]
         return sorted(jobs, key=lambda j: (j.state.created_at, j.state.id), reverse=True)
 
     async def start_job(self, job_id: str, key: ApiKey) -> Job:
         """Run a created job, or resume a failed one from its checkpoint. 409 if it runs or
         is complete, or if `jobs.max_running` jobs run already."""
+        await self._refresh()
         job = self.get(job_id, key)
         async with self._starting:
             status = job.state.status
@@ -338,6 +438,11 @@ class JobManager:
                     f"{running} batch jobs are running, the most allowed at once; start this "
                     "one when another finishes.",
                     details={"running": running, "max_running": limit},
+                )
+            if self.leases is not None and not await asyncio.to_thread(self.leases.acquire, job_id):
+                raise Conflict(
+                    f"Batch job '{job_id}' is being started by another replica.",
+                    details={"id": job_id},
                 )
             state = msgspec.structs.replace(
                 job.state,

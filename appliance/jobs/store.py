@@ -17,9 +17,11 @@ mid-way) are removed at start. Every method blocks: call them off the event loop
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,13 +218,17 @@ class JobStore:
     def results_path(self, job_id: str) -> Path:
         return self.folder(job_id) / RESULTS
 
-    def load_all(self) -> list[JobState]:
-        """Every job on disk, after removing what a crash left of uploads and deletions."""
+    def load_all(self, keep_seconds: float = 0.0, clean: bool = True) -> list[JobState]:
+        """Every job on disk, after removing what a crash left of uploads and deletions
+        (`clean`; on a folder shared by replicas, only debris older than `keep_seconds`)."""
         self.root.mkdir(parents=True, exist_ok=True)
         states = []
+        now = time.time()
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith((UPLOAD_PREFIX, DELETED_PREFIX)):
-                shutil.rmtree(folder, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    if clean and now - folder.stat().st_mtime >= keep_seconds:
+                        shutil.rmtree(folder, ignore_errors=True)
                 continue
             if not folder.is_dir():
                 continue
@@ -231,6 +237,13 @@ class JobStore:
             except (OSError, msgspec.DecodeError) as exc:
                 log.error("job folder %s is unreadable and is ignored: %s", folder, exc)
         return states
+
+    def load(self, job_id: str) -> JobState | None:
+        """One job's checkpointed state, as on disk now (None: deleted)."""
+        try:
+            return msgspec.json.decode((self.folder(job_id) / STATE).read_bytes(), type=JobState)
+        except (OSError, msgspec.DecodeError):
+            return None
 
     def begin_upload(self, job_id: str) -> Upload:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
 from litestar.serialization import encode_json
@@ -85,6 +85,9 @@ class JobServices:
     usage: UsageLog
     classifiers: ClassifierStore
     metrics: Metrics | None = None
+    leases: Any = None
+    """Cluster mode: appliance.cluster.leases.Leases; each chunk is committed only while
+    this replica still holds the job's lease."""
 
 
 @dataclass
@@ -339,7 +342,9 @@ async def run_job(job: Job, services: JobServices) -> None:
                 next_line=reader.next_line,
                 results_bytes=job.state.results_bytes + len(data),
             )
-            future = asyncio.ensure_future(asyncio.to_thread(store.commit, results, data, state))
+            future = asyncio.ensure_future(
+                asyncio.to_thread(_commit, services, results, data, state)
+            )
             commit = _Commit(
                 future, state, outcomes, lines[0].number, time.perf_counter() - started
             )
@@ -355,6 +360,12 @@ async def run_job(job: Job, services: JobServices) -> None:
             await asyncio.wait({commit.future})
         reader.close()
         results.close()
+
+
+def _commit(services: JobServices, results: BinaryIO, data: bytes, state: JobState) -> None:
+    if services.leases is not None:
+        services.leases.hold(state.id)  # LeaseLost: another replica has taken the job over
+    services.store.commit(results, data, state)
 
 
 async def _fail(job: Job, store: JobStore, error: ApplianceError) -> None:

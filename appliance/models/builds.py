@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.config import Settings
 from appliance.errors import ExportUnavailable, NotFound, PayloadTooLarge, ValidationFailed
@@ -92,7 +93,8 @@ class UploadGrant:
 
 
 class Builds:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, leases: Any = None) -> None:
+        self.leases = leases  # cluster mode: one replica builds an upload (a PostgreSQL lease)
         self.settings = settings
         self.registry = registry
         self.uploads = settings.data_path / "uploads"
@@ -235,6 +237,12 @@ class Builds:
         self, slug: str, task: str | None, root: Path, exported: bool, target: Path
     ) -> None:
         self.registry.set_build(slug, "building", "exporting" if not exported else "installing")
+        leases, timeout = self.leases, self.settings.models.build_timeout_seconds
+        if leases is not None and not await asyncio.to_thread(
+            leases.acquire, slug, "build_leases", timeout
+        ):
+            self.registry.set_build(slug, "fail", "another replica is building this slug")
+            return
         try:
             if exported:
                 await asyncio.to_thread(self._install_exported, root, slug)
@@ -250,6 +258,9 @@ class Builds:
         except Exception as exc:
             log.exception("build of %s failed", slug)
             self.registry.set_build(slug, "fail", f"{type(exc).__name__}: {exc}")
+        finally:
+            if leases is not None:
+                await asyncio.to_thread(leases.release, slug, "build_leases")
 
     def _install_exported(self, root: Path, slug: str) -> None:
         manifest = read_manifest(root)

@@ -247,15 +247,23 @@ class Registry:
                 await entry.batcher.stop()
 
     # ---- changes while serving -----------------------------------------------------------
-    async def add(self, folder: Path) -> ModelEntry:
+    async def add(self, folder: Path, *, announce: bool = True) -> ModelEntry:
         """Load (and warm) the model in `folder` off the event loop, then swap it in."""
         entry = await asyncio.to_thread(self._load, folder)
         async with self._lock:
             self._seen[folder] = _version(folder)
             self._install(entry)
+        if announce:
+            self.announce()
         return entry
 
-    async def remove(self, slug: str, *, delete_files: bool = False) -> ModelEntry:
+    def announce(self) -> None:
+        """Cluster mode: replaced by a publish, so other replicas rescan at once instead of
+        at their next watch interval (they share models_dir)."""
+
+    async def remove(
+        self, slug: str, *, delete_files: bool = False, announce: bool = True
+    ) -> ModelEntry:
         """Stop routing to the model; requests that chose it finish; then free it and
         (delete_files) remove its folder."""
         entry = self._entries.get(slug) or self._builds.get(slug)
@@ -269,6 +277,8 @@ class Registry:
                 await asyncio.to_thread(shutil.rmtree, entry.folder, True)
         self._retire(entry, grace=0)
         log.info("model %s removed%s", slug, " and its files deleted" if delete_files else "")
+        if announce:
+            self.announce()
         return entry
 
     def set_build(self, slug: str, status: str, message: str) -> None:
@@ -296,7 +306,7 @@ class Registry:
                     "new" if folder not in self._seen else "changed",
                     folder.name,
                 )
-                await self.add(folder)
+                await self.add(folder, announce=False)
         present = set(folders)
         for entry in list(self._entries.values()):
             if entry.folder in present:
@@ -305,7 +315,7 @@ class Registry:
             self._missing[entry.folder] = self._missing.get(entry.folder, 0) + 1
             if self._missing[entry.folder] >= 2:
                 self._missing.pop(entry.folder)
-                await self.remove(entry.slug)
+                await self.remove(entry.slug, announce=False)
 
     # ---- lookup --------------------------------------------------------------------------
     def entries(self) -> list[ModelEntry]:

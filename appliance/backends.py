@@ -1,0 +1,108 @@
+"""The state backends, chosen once at start: the single box's files (keys.json, SQLite,
+diskcache, memory) or, when [cluster] is configured, PostgreSQL and Redis shared by every
+replica. Routes, the inference path and the job runner only see the interfaces (KeyStore,
+RateLimiter, UsageLog, ClassifierStore, the cache's second level, events, job leases), so
+none of them knows which is in use."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.classifiers import ClassifierStore
+from appliance.config import Settings
+from appliance.gateway.keys import KeyStore
+from appliance.gateway.ratelimit import RateLimiter
+from appliance.gateway.usage import UsageLog
+
+
+class LocalEvents:
+    """A single box has nobody to tell."""
+
+    def on(self, kind: str, handler: Any) -> None:
+        pass
+
+    def publish(self, kind: str, **fields: str) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclass
+class Backends:
+    keys: KeyStore
+    limiter: RateLimiter
+    usage: UsageLog
+    classifiers: ClassifierStore
+    events: Any = field(default_factory=LocalEvents)
+    shared_cache: Any = None
+    leases: Any = None
+    """Job and build leases (cluster mode); None: this process owns every job."""
+    health: Any = None
+    """Which shared backends answer (cluster mode), for /readyz."""
+    closers: list[Any] = field(default_factory=list)
+    cluster: bool = False
+
+    def start(self) -> None:
+        """Blocking (run in a thread): connections, migrations, first loads."""
+        starter = getattr(self.keys, "start", None)
+        if starter is not None:
+            starter()
+        self.events.start()
+
+    def stop(self) -> None:
+        self.events.stop()
+        stopper = getattr(self.keys, "stop", None)
+        if stopper is not None:
+            stopper()
+        for close in self.closers:
+            close()
+
+
+def open_backends(settings: Settings, metrics: Any = None) -> Backends:
+    usage = settings.usage
+    if not settings.cluster.enabled:
+        return Backends(
+            keys=KeyStore(settings.keys_path),
+            limiter=RateLimiter(),
+            usage=UsageLog(settings.usage_path, retention_days=usage.retention_days),
+            classifiers=ClassifierStore(
+                settings.data_path / "classifiers.json",
+                max_per_key=settings.classifiers.max_per_key,
+            ),
+        )
+    from appliance.cluster.setup import open_cluster  # only now: Redis and psycopg imports
+
+    return open_cluster(settings, metrics)
+
+
+@contextlib.contextmanager
+def key_store(settings: Settings) -> Iterator[KeyStore]:
+    """The keys as `appliance keys ...` sees them: the keys file, or PostgreSQL in cluster
+    mode (changes are announced on Redis when it is configured, so running replicas apply
+    them at once; otherwise within their refresh interval)."""
+    if not settings.cluster.database_url:
+        yield KeyStore(settings.keys_path)
+        return
+    from appliance.cluster.events import Events
+    from appliance.cluster.health import BackendHealth
+    from appliance.cluster.keys import PgKeyStore
+    from appliance.cluster.redis_client import RedisBackend
+    from appliance.cluster.setup import open_database
+
+    health = BackendHealth()
+    db = open_database(settings, health)
+    redis = RedisBackend(settings.cluster.redis_url, health) if settings.cluster.redis_url else None
+    events = Events(redis, settings.cluster.replica_id + "-cli") if redis else None
+    try:
+        yield PgKeyStore(db, events)
+    finally:
+        db.close()
+        if redis is not None:
+            redis.close()
