@@ -175,7 +175,12 @@ class RedisSpend:
                     retry_after=2,
                 ) from None
             if status == 2:  # unseeded: start from the durable total
-                total = self.durable(key_id)
+                try:
+                    total = self.durable(key_id)
+                except BackendUnavailable:
+                    if quota is None:  # nothing to decide: the durable total gets it later
+                        return None
+                    raise
                 self.backend.call(self.backend.client.set, self._key(key_id), total, nx=True)
                 continue
             if status == 1:
