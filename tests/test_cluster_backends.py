@@ -159,7 +159,7 @@ def test_a_revoked_key_is_refused_by_another_replica_within_a_second(
         while there.authenticate(secret) is not None and time.monotonic() - revoked_at < 1:
             time.sleep(0.01)
         assert there.authenticate(secret) is None
-        assert there_events.received >= 2
+        assert there_events.received >= 1  # the revocation came by pub/sub, not the poll
         stored = db.connection
         with stored() as conn:  # only the hash is stored
             assert conn.execute("SELECT count(*) FROM api_keys WHERE hash = %s", (secret,))
