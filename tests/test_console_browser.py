@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -28,6 +29,7 @@ from playwright import sync_api  # the dev extra; it drives /usr/bin/chromium
 from appliance.app import create_app
 from appliance.gateway.keys import KeyStore
 from tests.conftest import make_settings
+from tests.generation_models import build_tiny_gpt2
 from tests.test_imports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -69,6 +71,10 @@ def live(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
     root = tmp_path_factory.mktemp("console")
     # A copy: the upload test adds a model to (and deletes it from) the server's models folder.
     models = shutil.copytree(models_dir, root / "models")
+    from exporters.export import export_model  # a tiny GPT-2, for the playground's stream
+
+    gpt2 = build_tiny_gpt2(root / "checkpoints" / "tiny-gpt2")
+    export_model(gpt2, "text-generation", out_dir=models, slug="tiny-gpt2")
     settings = make_settings(root / "data", models, APPLIANCE_MODELS__WATCH_INTERVAL_SECONDS="0")
     keys = KeyStore(settings.keys_path)
     _, admin = keys.create("admin", ["admin"])
@@ -107,8 +113,8 @@ def live(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
     thread.join(timeout=30)
     if target := os.environ.get("APPLIANCE_CONSOLE_SCREENSHOTS"):
         Path(target).mkdir(parents=True, exist_ok=True)
-        for shot in shots.glob("*.png"):
-            shutil.copy(shot, Path(target) / shot.name)
+        for name in ["login", *PAGES]:  # one per page (not the 403 one)
+            shutil.copy(shots / f"{name}.png", Path(target) / f"{name}.png")
 
 
 @pytest.fixture(scope="session")
@@ -297,6 +303,22 @@ def test_submit_a_job_and_download_its_results(page: Any, live: Live, tmp_path: 
     results = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
     assert [r["line"] for r in results] == [0, 1, 2] or [r["line"] for r in results] == [1, 2, 3]
     assert all(r["status"] == 200 and len(r["response"]["vector"]) == 32 for r in results)
+    assert watch.errors == []
+
+
+def test_the_playground_streams_a_generation(page: Any, live: Live) -> None:
+    page, watch = page
+    sign_in(page, live, live.predict)
+    page.goto(live.url + "/console/playground")
+    page.get_by_label("Model").select_option("tiny-gpt2")
+    assert page.get_by_label("Task endpoint").input_value() == "/v1/text-generation"
+    body = {"text": "Once upon a time", "max_length": 8, "temperature": 0}
+    page.get_by_label("Request body (JSON)").fill(json.dumps(body))
+    page.get_by_role("button", name="Stream").click()
+    page.get_by_role("heading", name=re.compile(r"^Done \(\d+ tokens\)$")).wait_for()
+    streamed = page.locator("#answer").inner_text()
+    whole = live.api("POST", "/v1/text-generation", json={**body, "model": "tiny-gpt2"})
+    assert streamed and whole.json()["output"].endswith(streamed)
     assert watch.errors == []
 
 
