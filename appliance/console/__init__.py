@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from litestar import Router
+from litestar.datastructures import CacheControlHeader
 from litestar.di import Provide
 from litestar.static_files import create_static_files_router
 
@@ -22,6 +23,7 @@ from appliance.console.web import (
     after_request,
     error_handler,
     guard,
+    static_headers,
 )
 from appliance.errors import ApplianceError
 from appliance.gateway.keys import KeyStore
@@ -46,7 +48,9 @@ def console_router(keys: KeyStore, data_path: Path) -> list[Router]:
         path="/console/static",
         directories=[HERE / "static"],
         include_in_schema=False,
-        after_request=after_request,
+        # Vendored files change only with the package: caching them for an hour is safe.
+        cache_control=CacheControlHeader(max_age=3600),
+        after_request=static_headers,
         name="console-static",
     )
     return [routes, static]

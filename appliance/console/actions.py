@@ -35,7 +35,9 @@ from appliance.models.registry import Registry
 
 # ---- sign-in --------------------------------------------------------------------------------
 @get("/console/login")
-async def login_page(request: Request[Any, Any, Any], console: Console) -> Response[str]:
+async def login_page(request: Request[Any, Any, Any], console: Console) -> Response[Any]:
+    if console.sessions.key_of(request.cookies.get(COOKIE)) is not None:
+        return Redirect("/console", status_code=303)  # signed in already
     token = secrets.token_urlsafe(24)
     response = console.page(request, "login.html", login_csrf=token, failed=False)
     response.cookies.append(login_csrf_cookie(request, token))

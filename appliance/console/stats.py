@@ -11,6 +11,8 @@ from typing import Any
 from appliance.gateway.usage import UsageLog
 from appliance.metrics import Metrics
 
+RATE_CAP = 10_000
+
 
 def _samples(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
     found: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
@@ -49,19 +51,22 @@ def overview(metrics: Metrics, usage: UsageLog, now: float | None = None) -> dic
     buckets = list(by_bound.items())
     depth = {labels["model"]: value for labels, value in samples.get("appliance_queue_depth", [])}
     now = now or time.time()
+    # Counted from the usage log (the metrics hold totals since start, not a window); capped so
+    # that a poll under heavy load stays a small read.
     last_minute = usage.logs(
         key_id=None,
         status=None,
         model=None,
         since=now - 60,
         until=None,
-        limit=100_000,
+        limit=RATE_CAP + 1,
         offset=0,
     )
     p50, p99 = quantile(buckets, 0.5), quantile(buckets, 0.99)
     return {
         "requests_total": int(total),
-        "requests_per_minute": len(last_minute),
+        "requests_per_minute": min(len(last_minute), RATE_CAP),
+        "requests_per_minute_capped": len(last_minute) > RATE_CAP,
         "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
         "cache_hits": int(hits),
         "cache_misses": int(misses),

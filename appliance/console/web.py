@@ -116,6 +116,11 @@ def after_request(response: Response[Any]) -> Response[Any]:
     return response
 
 
+def static_headers(response: Response[Any]) -> Response[Any]:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
+
+
 def _wants_json(request: Request[Any, Any, Any]) -> bool:
     return "application/json" in request.headers.get("accept", "")
 
