@@ -79,6 +79,8 @@ def test_sign_in_cookie_flags_and_sign_out(app: Callable[..., TestClient]) -> No
     assert "samesite=strict" in cookie.lower()
     assert "secure" not in flags  # plain http: a Secure cookie would never come back
     assert secret not in cookie and secret.removeprefix("apl_") not in cookie
+    again = client.get("/console/login", follow_redirects=False)
+    assert (again.status_code, again.headers["location"]) == (303, "/console")
     csrf = CSRF.search(client.get("/console").text).group(1)  # type: ignore[union-attr]
     out = client.post("/console/logout", data={"csrf": csrf}, follow_redirects=False)
     assert out.status_code == 303
@@ -198,3 +200,46 @@ def test_console_pages_are_not_api_usage(app: Callable[..., TestClient]) -> None
         if logged:
             break
     assert [r["endpoint"] for r in logged if "/console" in r["endpoint"]] == []
+
+
+def test_limits_and_quota_change_on_the_keys_page(app: Callable[..., TestClient]) -> None:
+    client = app()
+    _, secret = client.keys.create("admin", ["admin"])  # type: ignore[attr-defined]
+    other, _ = client.keys.create("app", ["predict"])  # type: ignore[attr-defined]
+    csrf = sign_in(client, secret)
+    url = f"/console/keys/{other.id}/limits"
+    r = client.post(url, data={"csrf": csrf, "requests_per_minute": "30", "token_quota": "900"})
+    assert r.status_code == 200
+    changed = client.keys.get(other.id)  # type: ignore[attr-defined]
+    assert (changed.requests_per_minute, changed.tokens_per_minute, changed.token_quota) == (
+        30,
+        None,
+        900,
+    )
+    refused = client.post(url, data={"csrf": csrf, "requests_per_minute": "0"})
+    assert refused.status_code == 422 and "must be positive" in refused.text
+    assert 'data-key="' + other.id + '"' in refused.text  # the table stays under the error
+    assert client.keys.get(other.id).requests_per_minute == 30  # type: ignore[attr-defined]
+    missing = client.post("/console/keys/key_nope/limits", data={"csrf": csrf})
+    assert missing.status_code == 404
+
+
+def test_a_key_that_is_not_admin_sees_only_its_own_logs(app: Callable[..., TestClient]) -> None:
+    client = app()
+    _, admin = client.keys.create("admin", ["admin"])  # type: ignore[attr-defined]
+    mine, secret = client.keys.create("app", ["predict"])  # type: ignore[attr-defined]
+    client.get("/v1/keys", headers={"x-api-key": admin})
+    client.get("/v1/balance", headers={"x-api-key": secret})
+    for _ in range(100):  # the usage log is written by its own thread
+        if len(client.get("/v1/logs", headers={"x-api-key": admin}).json()["data"]) >= 2:
+            break
+    sign_in(client, secret)
+    page = client.get("/console/logs").text
+    assert "GET /v1/balance" in page and mine.id in page
+    assert "GET /v1/keys" not in page
+    usage = client.get("/console/usage").text
+    assert 'id="usage-key"' not in usage  # no picking another key's usage
+    client.cookies.clear()
+    sign_in(client, admin)
+    assert "GET /v1/keys" in client.get("/console/logs").text
+    assert client.get("/console/logs?status=abc").status_code == 422
