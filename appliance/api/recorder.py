@@ -16,8 +16,17 @@ from appliance.metrics import Metrics
 
 access_log = logging.getLogger("appliance.access")
 
-# Operational and documentation paths are not API usage.
-UNRECORDED_PREFIXES = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/schema")
+# Operational and documentation paths are not API usage, nor are the console's pages (its
+# playground records its runs itself).
+UNRECORDED_PREFIXES = (
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+    "/schema",
+    "/console",
+)
 
 
 def request_recorder(usage: UsageLog, metrics: Metrics) -> Any:
