@@ -28,6 +28,7 @@ from appliance.api import (
     models,
     openai,
     operations,
+    pipelines,
     rerank,
     summarise,
     tasks,
@@ -49,6 +50,7 @@ from appliance.lifecycle import Lifecycle
 from appliance.metrics import Metrics
 from appliance.models.builds import Builds
 from appliance.models.registry import Registry
+from appliance.pipelines import LocalPipelineStore, PipelineStore
 
 log = logging.getLogger("appliance")
 
@@ -102,7 +104,12 @@ def create_app(
     classifiers = ClassifierStore(
         settings.data_path / "classifiers.json", max_per_key=settings.classifiers.max_per_key
     )
-    job_manager = JobManager(settings, inference, keys, usage, classifiers, metrics)
+    pipeline_store: PipelineStore = LocalPipelineStore(
+        settings.data_path / "pipelines.json", max_per_key=settings.pipelines.max_per_key
+    )
+    job_manager = JobManager(
+        settings, inference, keys, usage, classifiers, metrics, pipelines=pipeline_store
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -137,6 +144,7 @@ def create_app(
             *vision.ROUTES,
             *rerank.ROUTES,
             *jobs.ROUTES,
+            *pipelines.ROUTES,
             account.list_keys,
             account.create_key,
             account.revoke_key,
@@ -155,6 +163,7 @@ def create_app(
             "keys": provide(keys),
             "usage": provide(usage),
             "classifiers": provide(classifiers),
+            "pipelines": provide(pipeline_store),
             "jobs": provide(job_manager),
             "metrics": provide(metrics),
             "lifecycle": provide(lifecycle),
