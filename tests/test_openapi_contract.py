@@ -46,6 +46,7 @@ RULES_IN_CODE_ONLY = {
     # `file` must hold a PDF or DOCX in base64: its content is beyond a schema.
     "/v1/classify",
     "/v1/tag",
+    "/v1/extract",
 }
 
 

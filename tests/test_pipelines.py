@@ -24,6 +24,7 @@ from appliance.pipelines import (
     Step,
     waves,
 )
+from tests.documents import b64, make_docx, make_pdf
 
 LABELS = ["ham", "spam"]  # tiny-cls's own labels
 CHAIN = {
@@ -531,3 +532,39 @@ def test_a_job_fails_when_its_pipeline_is_deleted(client: TestClient) -> None:
         assert time.monotonic() < deadline, job
         time.sleep(0.05)
     assert job["status"] == "failed" and job["error"]["code"] == "NOT_FOUND", job
+
+
+# ---- documents ---------------------------------------------------------------------------------
+def test_extract_gives_a_documents_text(client: TestClient, predict_key: str) -> None:
+    for data in (make_pdf([TEXT, "meeting tomorrow"]), make_docx([TEXT, "meeting tomorrow"])):
+        r = client.post("/v1/extract", json={"file": b64(data)}, headers=auth(predict_key))
+        assert r.status_code == 200, r.text
+        assert TEXT in r.json()["text"] and "meeting tomorrow" in r.json()["text"]
+        assert r.json()["characters"] == len(r.json()["text"])
+    bad = client.post("/v1/extract", json={"file": b64(b"plain")}, headers=auth(predict_key))
+    assert bad.status_code == 422 and bad.json()["details"]["field"] == "file"
+
+
+def test_a_pdf_then_classification(client: TestClient, predict_key: str) -> None:
+    body = {
+        "name": "pdf-triage",
+        "steps": [
+            {"name": "doc", "endpoint": "/v1/extract", "input": {"file": "$.input.file"}},
+            {"name": "cls", "endpoint": "/v1/classify",
+             "input": {"text": "$.steps.doc.text", "labels": LABELS, "model": "tiny-cls"}},
+        ],
+    }  # fmt: skip
+    save(client, predict_key, body)
+    pdf = b64(make_pdf([TEXT]))
+    r = client.post("/pipelines/pdf-triage", json={"file": pdf}, headers=auth(predict_key))
+    assert r.status_code == 200, r.text
+    cls, _ = direct(
+        client, new_key(client), "/v1/classify",
+        {"file": pdf, "labels": LABELS, "model": "tiny-cls"},
+    )  # fmt: skip
+    assert without_timings(r.json()["output"]) == without_timings(cls)
+    assert r.json()["tokens"] == r.json()["output"]["tokens"] > 0
+    bad = client.post(
+        "/pipelines/pdf-triage", json={"file": "bm90IGEgcGRm"}, headers=auth(predict_key)
+    )
+    assert bad.status_code == 422 and bad.json()["details"] == {"field": "file", "step": "doc"}
