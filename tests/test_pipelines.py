@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -568,3 +569,53 @@ def test_a_pdf_then_classification(client: TestClient, predict_key: str) -> None
         "/pipelines/pdf-triage", json={"file": "bm90IGEgcGRm"}, headers=auth(predict_key)
     )
     assert bad.status_code == 422 and bad.json()["details"] == {"field": "file", "step": "doc"}
+
+
+# ---- generation -> classification (the README's example, on a tiny GPT-2) ----------------------
+@pytest.fixture(scope="module")
+def gen_and_cls(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    from exporters.export import export_model
+    from tests.generation_models import build_tiny_gpt2
+
+    out = tmp_path_factory.mktemp("pipeline-models")
+    folder = build_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")
+    export_model(folder, "text-generation", out_dir=out, slug="tiny-gpt2")
+    shutil.copytree(models_dir / "tiny-cls", out / "tiny-cls")
+    return out
+
+
+def test_generation_then_classification(serve, gen_and_cls: Path) -> None:  # type: ignore[no-untyped-def]
+    client = serve(gen_and_cls)
+    key = new_key(client)
+    body = {
+        "name": "write-then-triage",
+        "steps": [
+            {"name": "draft", "endpoint": "/v1/text-generation",
+             "input": {"text": "$.input.prompt", "max_length": 8, "model": "tiny-gpt2"}},
+            {"name": "triage", "endpoint": "/v1/classify",
+             "input": {"text": "$.steps.draft.output", "labels": LABELS, "model": "tiny-cls"}},
+        ],
+    }  # fmt: skip
+    save(client, key, body)
+    r = client.post("/pipelines/write-then-triage", json={"prompt": "win money"}, headers=auth(key))
+    assert r.status_code == 200, r.text
+    run = r.json()
+    other = new_key(client)
+    draft, gen_tokens = direct(
+        client, other, "/v1/text-generation",
+        {"text": "win money", "max_length": 8, "model": "tiny-gpt2"},
+    )  # fmt: skip
+    assert run["steps"]["draft"] == draft
+    triage, cls_tokens = direct(
+        client, other, "/v1/classify",
+        {"text": draft["output"], "labels": LABELS, "model": "tiny-cls"},
+    )  # fmt: skip
+    assert without_timings(run["output"]) == without_timings(triage)
+    assert run["tokens"] == gen_tokens + cls_tokens
+    # Streaming is HTTP-only: a step asking for it gets the endpoint's 422, naming the step.
+    streamed = copy.deepcopy(body)
+    streamed["name"] = "streamed"
+    streamed["steps"][0]["input"]["stream"] = True
+    save(client, key, streamed)
+    r = client.post("/pipelines/streamed", json={"prompt": "win money"}, headers=auth(key))
+    assert r.status_code == 422 and r.json()["details"] == {"field": "stream", "step": "draft"}
