@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from litestar.testing import TestClient
 
 from appliance.classifiers import Owner
-from appliance.errors import Conflict, NotFound
+from appliance.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from appliance.pipelines import (
     LocalPipelineStore,
     Pipeline,
@@ -410,28 +411,62 @@ def _pipeline(name: str) -> Pipeline:
     )
 
 
-def test_local_store_file_owner_cap_and_reload(tmp_path: Path) -> None:
-    path = tmp_path / "pipelines.json"
-    store: PipelineStore = LocalPipelineStore(path, max_per_key=2)
+@pytest.fixture(params=["local"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[int], PipelineStore]:
+    """Every PipelineStore implementation, for the same contract (add the cluster one here)."""
+
+    def make(max_per_key: int) -> PipelineStore:
+        return LocalPipelineStore(tmp_path / "pipelines.json", max_per_key=max_per_key)
+
+    return make
+
+
+def test_store_contract(make_store: Callable[[int], PipelineStore]) -> None:
+    store = make_store(2)
     assert isinstance(store, PipelineStore)
-    a, b = _Key("a"), _Key("b")
-    who_a: Owner = a  # type: ignore[assignment]
-    store.create(_pipeline("one"), who=who_a)
-    store.create(_pipeline("two"), who=who_a)
+    a: Owner = _Key("a")  # type: ignore[assignment]
+    b: Owner = _Key("b")  # type: ignore[assignment]
+    admin: Owner = _Key("root", admin=True)  # type: ignore[assignment]
+    assert store.create(_pipeline("one"), who=a).owner == "a"
+    store.create(_pipeline("two"), who=a)
     with pytest.raises(PipelineLimit):
-        store.create(_pipeline("three"), who=who_a)
-    store.create(_pipeline("three"), who=b)  # type: ignore[arg-type]
-    store.create(_pipeline("shared"), who=_Key("root", admin=True))  # type: ignore[arg-type]
+        store.create(_pipeline("three"), who=a)
+    store.create(_pipeline("three"), who=b)
+    assert store.create(_pipeline("shared"), who=admin).owner is None  # not counted either
+    assert [p.name for p in store.list(a)] == ["one", "two", "shared"]
+    assert [p.name for p in store.list(b)] == ["three", "shared"]
+    assert [p.name for p in store.list(admin)] == ["one", "two", "three", "shared"]
+    assert store.get("one", a).steps[0].input == {"text": "$.input.t"}
+    with pytest.raises(NotFound):
+        store.get("three", a)
+    with pytest.raises(NotFound):
+        store.delete("three", a)
+    with pytest.raises(Conflict):  # names are global
+        store.create(_pipeline("three"), who=a)
+    with pytest.raises(Conflict):
+        store.create(_pipeline("one"), who=a)
+    replaced = _pipeline("one")
+    replaced.description = "new"
+    assert store.create(replaced, replace=True, who=a).description == "new"
+    with pytest.raises(Forbidden):  # a shared one: only an admin changes it
+        store.delete("shared", b)
+    store.delete("three", admin)
+    store.delete("one", a)
+    assert [p.name for p in store.list(admin)] == ["two", "shared"]
+    with pytest.raises(ValidationFailed):  # validated whatever the caller
+        store.create(Pipeline(name="x", steps=[]), who=a)
+
+
+def test_local_store_file_and_reload(tmp_path: Path) -> None:
+    path = tmp_path / "pipelines.json"
+    store = LocalPipelineStore(path)
+    a: Owner = _Key("a")  # type: ignore[assignment]
+    store.create(_pipeline("one"), who=a)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert not list(tmp_path.glob(".*.tmp"))
     again = LocalPipelineStore(path)
-    assert [p.name for p in again.list(who_a)] == ["one", "two", "shared"]
-    assert again.get("one", who_a).steps[0].input == {"text": "$.input.t"}
-    with pytest.raises(NotFound):
-        again.get("three", who_a)
-    with pytest.raises(Conflict):
-        again.create(_pipeline("three"), who=who_a)
-    json.loads(path.read_text())  # plain JSON, readable by an operator
+    assert [(p.name, p.owner) for p in again.list(a)] == [("one", "a")]
+    assert json.loads(path.read_text())["pipelines"][0]["name"] == "one"  # plain JSON
 
 
 def test_max_per_key_is_configured(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
