@@ -654,3 +654,19 @@ def test_generation_then_classification(serve, gen_and_cls: Path) -> None:  # ty
     save(client, key, streamed)
     r = client.post("/pipelines/streamed", json={"prompt": "win money"}, headers=auth(key))
     assert r.status_code == 422 and r.json()["details"] == {"field": "stream", "step": "draft"}
+
+
+def test_a_run_is_logged_as_the_pipeline_with_every_steps_tokens(client: TestClient) -> None:
+    key = new_key(client)
+    save(client, key)
+    run = client.post(f"/pipelines/{CHAIN['name']}", json={"text": TEXT}, headers=auth(key))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the usage log is written by a background thread
+        logs = client.get("/v1/logs", headers=auth(key)).json()["data"]
+        runs = [e for e in logs if e["endpoint"] == f"POST /pipelines/{CHAIN['name']}"]
+        if runs:
+            break
+        time.sleep(0.05)
+    assert [(e["model"], e["tokens"], e["status"]) for e in runs] == [
+        (f"pipeline:{CHAIN['name']}", run.json()["tokens"], 200)
+    ]
