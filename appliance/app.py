@@ -23,11 +23,13 @@ from appliance.api import (
     classify,
     custom,
     docs,
+    documents,
     generation,
     jobs,
     models,
     openai,
     operations,
+    pipelines,
     rerank,
     summarise,
     tasks,
@@ -115,7 +117,14 @@ def create_app(
     builds = Builds(settings, registry, backends.leases)
     inference = Inference(registry, cache, limiter or backends.limiter, usage, settings.limits)
     job_manager = JobManager(
-        settings, inference, keys, usage, classifiers, metrics, leases=backends.leases
+        settings,
+        inference,
+        keys,
+        usage,
+        classifiers,
+        metrics,
+        leases=backends.leases,
+        pipelines=backends.pipelines,
     )
 
     @contextlib.asynccontextmanager
@@ -155,6 +164,8 @@ def create_app(
             *vision.ROUTES,
             *rerank.ROUTES,
             *jobs.ROUTES,
+            *pipelines.ROUTES,
+            *documents.ROUTES,
             account.list_keys,
             account.create_key,
             account.revoke_key,
@@ -174,6 +185,7 @@ def create_app(
             "keys": provide(keys),
             "usage": provide(usage),
             "classifiers": provide(classifiers),
+            "pipelines": provide(backends.pipelines),
             "jobs": provide(job_manager),
             "metrics": provide(metrics),
             "lifecycle": provide(lifecycle),

@@ -16,6 +16,7 @@ from appliance.config import Settings
 from appliance.gateway.keys import KeyStore
 from appliance.gateway.ratelimit import RateLimiter
 from appliance.gateway.usage import UsageLog
+from appliance.pipelines import LocalPipelineStore, PipelineStore
 
 
 class LocalEvents:
@@ -40,6 +41,7 @@ class Backends:
     limiter: RateLimiter
     usage: UsageLog
     classifiers: ClassifierStore
+    pipelines: PipelineStore
     events: Any = field(default_factory=LocalEvents)
     shared_cache: Any = None
     leases: Any = None
@@ -75,6 +77,9 @@ def open_backends(settings: Settings, metrics: Any = None) -> Backends:
             classifiers=ClassifierStore(
                 settings.data_path / "classifiers.json",
                 max_per_key=settings.classifiers.max_per_key,
+            ),
+            pipelines=LocalPipelineStore(
+                settings.data_path / "pipelines.json", max_per_key=settings.pipelines.max_per_key
             ),
         )
     from appliance.cluster.setup import open_cluster  # only now: Redis and psycopg imports

@@ -123,6 +123,12 @@ class ClassifiersConfig(_Section):
     CLASSIFIER_LIMIT. Admin-made (shared) classifiers are not counted."""
 
 
+class PipelinesConfig(_Section):
+    max_per_key: Positive = 100
+    """Saved pipelines one (non-admin) key may own; past it POST /v1/pipelines is 422
+    PIPELINE_LIMIT. Admin-made (shared) pipelines are not counted."""
+
+
 class ModelsConfig(_Section):
     lazy: bool = False
     """Open each model at its first request instead of at start: less memory for models
@@ -199,6 +205,7 @@ class Settings(_Section):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     classifiers: ClassifiersConfig = msgspec.field(default_factory=ClassifiersConfig)
+    pipelines: PipelinesConfig = msgspec.field(default_factory=PipelinesConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)

@@ -41,9 +41,12 @@ RULES_IN_CODE_ONLY = {
     "/text-generation",
     # `expires_at` is a date-time: JSON Schema's `format` annotates, generators may ignore it.
     "/v1/keys",
+    # A step's `endpoint` must be a job endpoint and its `input` that endpoint's body.
+    "/v1/pipelines",
     # `file` must hold a PDF or DOCX in base64: its content is beyond a schema.
     "/v1/classify",
     "/v1/tag",
+    "/v1/extract",
 }
 
 

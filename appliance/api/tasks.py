@@ -67,10 +67,11 @@ def work_provider(
 
 
 class Endpoint(NamedTuple):
-    """An endpoint's request body type and the function doing its work: (answer, outcome)."""
+    """An endpoint's request body type and the function doing its work: (answer, outcome);
+    outcome None for work that runs no model (a document's text, a pipeline of steps)."""
 
     body: type[Any]
-    run: Callable[[Any, Work], Awaitable[tuple[Any, Outcome]]]
+    run: Callable[[Any, Work], Awaitable[tuple[Any, Outcome | None]]]
 
 
 def as_batch(value: Any, field: str, limit: int) -> tuple[list[Any], bool]:

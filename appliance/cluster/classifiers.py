@@ -1,60 +1,67 @@
-"""Saved classifiers in PostgreSQL: the ClassifierStore rules (owners, visibility, caps)
-unchanged, only where they are kept differs. Kept in memory like the file store; reloaded
-before each change and when another replica announces one."""
+"""Saved classifiers and pipelines in PostgreSQL: the file stores' rules (owners, visibility,
+caps) unchanged, only where they are kept differs. Kept in memory like the file stores;
+reloaded before each change and when another replica announces one."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import msgspec
-from psycopg.types.json import Jsonb
-
 from appliance.classifiers import Classifier, ClassifierStore
 from appliance.cluster.database import Database
 from appliance.cluster.events import Events
+from appliance.cluster.named import NamedRows
+from appliance.pipelines import LocalPipelineStore, Pipeline
 
 
-class PgClassifierStore(ClassifierStore):
-    def __init__(self, db: Database, events: Events | None, *, max_per_key: int = 100) -> None:
-        self.db = db
-        self.events = events
-        super().__init__(path=None, max_per_key=max_per_key)  # type: ignore[arg-type]
-        if events is not None:
-            events.on("classifiers", lambda _: self.reload())
+class _Shared:
+    """What both stores add to their file-backed base."""
 
-    def _read(self) -> list[Classifier]:
-        with self.db.connection() as conn:
-            rows = conn.execute("SELECT body FROM classifiers ORDER BY name").fetchall()
-        return [msgspec.convert(r[0], Classifier) for r in rows]
+    rows: NamedRows
+    events: Events | None
+    kind: str
+    _items: list[Any]
+
+    def _read(self) -> list[Any]:
+        return self.rows.read()
 
     def reload(self) -> None:
-        items = self._read()
-        with self._lock:
+        items = self.rows.read()
+        with self._lock:  # type: ignore[attr-defined]
             self._items = items
 
-    def create(self, classifier: Classifier, **kwargs: Any) -> Classifier:
+    def create(self, item: Any, **kwargs: Any) -> Any:
         self.reload()  # another replica may have saved this name meanwhile
-        return super().create(classifier, **kwargs)
+        return super().create(item, **kwargs)  # type: ignore[misc]
 
     def delete(self, name: str, who: Any = None) -> None:
         self.reload()
-        super().delete(name, who)
+        super().delete(name, who)  # type: ignore[misc]
 
-    def _write(self, items: list[Classifier]) -> None:
-        """Apply the change between the items in memory and `items` (a save or a delete)."""
-        before = {c.name: c for c in self._items}
-        after = {c.name: c for c in items}
-        with self.db.connection() as conn, conn.transaction():
-            for name in before.keys() - after.keys():
-                conn.execute("DELETE FROM classifiers WHERE name = %s", (name,))
-            for name, c in after.items():
-                if before.get(name) != c:
-                    conn.execute(
-                        "INSERT INTO classifiers (name, owner, body) VALUES (%s, %s, %s) "
-                        "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
-                        "body = excluded.body",
-                        (name, c.owner, Jsonb(msgspec.to_builtins(c))),
-                    )
+    def _write(self, items: list[Any]) -> None:
+        self.rows.apply(self._items, items)
         self._items = items
         if self.events is not None:
-            self.events.publish("classifiers")
+            self.events.publish(self.kind)
+
+    def _listen(self, events: Events | None) -> None:
+        self.events = events
+        if events is not None:
+            events.on(self.kind, lambda _: self.reload())
+
+
+class PgClassifierStore(_Shared, ClassifierStore):
+    kind = "classifiers"
+
+    def __init__(self, db: Database, events: Events | None, *, max_per_key: int = 100) -> None:
+        self.rows = NamedRows(db, "classifiers", Classifier)
+        super().__init__(path=None, max_per_key=max_per_key)  # type: ignore[arg-type]
+        self._listen(events)
+
+
+class PgPipelineStore(_Shared, LocalPipelineStore):
+    kind = "pipelines"
+
+    def __init__(self, db: Database, events: Events | None, *, max_per_key: int = 100) -> None:
+        self.rows = NamedRows(db, "pipelines", Pipeline)
+        super().__init__(path=None, max_per_key=max_per_key)  # type: ignore[arg-type]
+        self._listen(events)

@@ -40,6 +40,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE TABLE spend (key_id text PRIMARY KEY, tokens bigint NOT NULL);
         CREATE TABLE classifiers (
             name text PRIMARY KEY,
+            seq bigserial,
             owner text,
             body jsonb NOT NULL
         );
@@ -53,6 +54,24 @@ MIGRATIONS: list[tuple[int, str]] = [
             replica text NOT NULL,
             expires_at timestamptz NOT NULL
         );
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE pipelines (
+            name text PRIMARY KEY,
+            seq bigserial,
+            owner text,
+            body jsonb NOT NULL
+        );
+        CREATE TABLE upload_grants (
+            token_hash text PRIMARY KEY,
+            slug text NOT NULL,
+            task text,
+            expires_at double precision NOT NULL
+        );
+        CREATE TABLE secrets (name text PRIMARY KEY, value text NOT NULL);
         """,
     ),
 ]

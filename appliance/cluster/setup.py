@@ -7,7 +7,7 @@ from typing import Any
 
 from appliance.backends import Backends
 from appliance.cluster.cache import RedisSharedCache
-from appliance.cluster.classifiers import PgClassifierStore
+from appliance.cluster.classifiers import PgClassifierStore, PgPipelineStore
 from appliance.cluster.database import Database
 from appliance.cluster.events import Events
 from appliance.cluster.health import BackendHealth
@@ -50,6 +50,7 @@ def open_cluster(settings: Settings, metrics: Any = None) -> Backends:
         limiter=RedisLimiter(redis, fail_open=fail_open),  # type: ignore[arg-type]
         usage=usage,  # type: ignore[arg-type]
         classifiers=PgClassifierStore(db, events, max_per_key=settings.classifiers.max_per_key),
+        pipelines=PgPipelineStore(db, events, max_per_key=settings.pipelines.max_per_key),
         events=events,
         shared_cache=RedisSharedCache(redis),
         leases=Leases(db, cluster.replica_id),

@@ -40,6 +40,7 @@ from appliance.jobs.endpoints import JOB_ENDPOINTS, JobEndpoint
 from appliance.jobs.store import JobState, JobStore
 from appliance.jobs.worker import Job, JobServices, UnmeteredLimiter, run_job, settled, utc_now
 from appliance.metrics import Metrics
+from appliance.pipelines import JOB_PREFIX, PipelineStore, job_endpoint
 
 log = logging.getLogger("appliance.jobs")
 
@@ -62,8 +63,10 @@ class JobManager:
         classifiers: ClassifierStore,
         metrics: Metrics | None = None,
         leases: Any = None,
+        pipelines: PipelineStore | None = None,
     ) -> None:
         self.settings = settings
+        self.pipelines = pipelines
         # Cluster mode: the jobs folder is shared by every replica, and a job runs where its
         # lease (PostgreSQL) is held; the others see it through the folder.
         self.leases = leases
@@ -79,6 +82,7 @@ class JobManager:
             classifiers=classifiers,
             metrics=metrics,
             leases=leases,
+            target=self.target,
         )
         self.jobs: dict[str, Job] = {}
         self._starting = asyncio.Lock()
@@ -263,11 +267,16 @@ class JobManager:
                     await asyncio.to_thread(self.leases.release, job.state.id)
 
     # ---- operations ------------------------------------------------------------------------
-    def target(self, path: str) -> JobEndpoint:
+    def target(self, path: str, key: ApiKey | None = None) -> JobEndpoint:
+        """The endpoint a job's lines run: a fixed one, or `/pipelines/NAME` (a saved
+        pipeline `key` may see, as it is now: 404 otherwise)."""
+        if path.startswith(JOB_PREFIX) and self.pipelines is not None:
+            return job_endpoint(self.pipelines.get(path.removeprefix(JOB_PREFIX), key))
         target = JOB_ENDPOINTS.get(path)
         if target is None:
             raise ValidationFailed(
-                f"A job cannot run endpoint '{path}'; it may run {', '.join(JOB_ENDPOINTS)}.",
+                f"A job cannot run endpoint '{path}'; it may run {', '.join(JOB_ENDPOINTS)} "
+                f"or {JOB_PREFIX}NAME (a saved pipeline).",
                 details={"field": "endpoint", "allowed": list(JOB_ENDPOINTS)},
             )
         return target
@@ -304,7 +313,7 @@ class JobManager:
         content_length: int | None = None,
     ) -> Job:
         """Write the streamed NDJSON `body` to a new job's folder; the job is `created`."""
-        target = self.target(path)
+        target = self.target(path, key)
         await self._check_defaults(key, target, model, classifier)
         if content_type.lower().startswith(REFUSED_CONTENT_TYPES):
             raise BadRequest(

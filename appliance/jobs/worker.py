@@ -88,6 +88,8 @@ class JobServices:
     leases: Any = None
     """Cluster mode: appliance.cluster.leases.Leases; each chunk is committed only while
     this replica still holds the job's lease."""
+    target: Callable[[str, ApiKey], JobEndpoint] = lambda path, _key: JOB_ENDPOINTS[path]
+    """A job's endpoint for its owner's key (the manager's also finds saved pipelines)."""
 
 
 @dataclass
@@ -169,6 +171,13 @@ def owner_key(keys: KeyStore, state: JobState) -> ApiKey:
             )
         )
     return key
+
+
+def find_target(services: JobServices, state: JobState, key: ApiKey) -> JobEndpoint:
+    try:
+        return services.target(state.endpoint, key)
+    except ApplianceError as exc:
+        raise JobFailed(exc) from None
 
 
 async def _with_room(target: JobEndpoint, body: Any, work: Work) -> Any:
@@ -299,7 +308,6 @@ async def run_job(job: Job, services: JobServices) -> None:
     A chunk's fsyncs cost about as much as running it: they happen in a thread while the next
     chunk runs, and a chunk is only appended once the one before it is durable."""
     settings, store = services.settings, services.store
-    target = JOB_ENDPOINTS[job.state.endpoint]
     reader, results = await settled(store.resume, job.state, settings.server.max_body_bytes)
     job.run_started, job.run_done = time.monotonic(), job.state.done
     commit: _Commit | None = None
@@ -317,6 +325,9 @@ async def run_job(job: Job, services: JobServices) -> None:
         while not job.stopping:
             try:
                 key = owner_key(services.keys, job.state)
+                # Afresh for every chunk, like the key: a pipeline deleted meanwhile fails
+                # the job rather than each of its lines.
+                target = find_target(services, job.state, key)
             except JobFailed as exc:
                 await settle()
                 await _fail(job, store, exc.error)
