@@ -31,6 +31,7 @@ from appliance.api import (
     rerank,
     summarise,
     tasks,
+    tei,
     vision,
 )
 from appliance.api.recorder import request_recorder
@@ -136,6 +137,7 @@ def create_app(
             *generation.ROUTES,
             *vision.ROUTES,
             *rerank.ROUTES,
+            *tei.ROUTES,
             *jobs.ROUTES,
             account.list_keys,
             account.create_key,

@@ -41,6 +41,9 @@ RULES_IN_CODE_ONLY = {
     "/text-generation",
     # `expires_at` is a date-time: JSON Schema's `format` annotates, generators may ignore it.
     "/v1/keys",
+    # TEI's `inputs`: a list of strings is one text (a pair, refused here), a list of lists a
+    # batch; one list type per union is all msgspec (and so the document) can state.
+    "/predict",
     # `file` must hold a PDF or DOCX in base64: its content is beyond a schema.
     "/v1/classify",
     "/v1/tag",

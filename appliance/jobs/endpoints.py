@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from appliance.api import classify, generation, openai, rerank, summarise, tasks, vision
+from appliance.api import classify, generation, openai, rerank, summarise, tasks, tei, vision
 from appliance.api.tasks import Endpoint
 
 
@@ -33,6 +33,7 @@ _ALL: dict[str, Endpoint] = {
     **vision.ENDPOINTS,
     **summarise.ENDPOINTS,
     **rerank.ENDPOINTS,
+    **tei.ENDPOINTS,
 }
 
 JOB_ENDPOINTS: dict[str, JobEndpoint] = {
