@@ -78,16 +78,52 @@ def test_embed_dimensions_cut_and_renormalise(
     v = np.array(cut.json()[0])
     assert v.shape == (8,) and np.isclose(np.linalg.norm(v), 1, atol=1e-5)
     assert np.allclose(v, full[:8] / np.linalg.norm(full[:8]), atol=1e-5)
+    pooled = client.post("/embed", json={"inputs": TEXTS[0], "normalize": False}, headers=auth)
     plain = client.post(
         "/embed", json={"inputs": TEXTS[0], "dimensions": 8, "normalize": False}, headers=auth
     ).json()[0]
-    assert np.allclose(plain, full[:8], atol=1e-6)  # cut, not renormalised
+    assert np.allclose(plain, pooled.json()[0][:8], atol=1e-6)  # cut, not renormalised
     dim = read_manifest(models_dir / "tiny-embed").dimension
     assert dim is not None
     over = client.post("/embed", json={"inputs": "x", "dimensions": dim + 1}, headers=auth)
     assert over.status_code == 422 and over.json()["details"]["field"] == "dimensions"
     at = client.post("/embed", json={"inputs": "x", "dimensions": dim}, headers=auth)
     assert at.status_code == 200 and len(at.json()[0]) == dim
+
+
+def test_normalize_false_gives_the_pooled_vectors(
+    client: TestClient, auth: dict[str, str], models_dir: Path
+) -> None:
+    assert read_manifest(models_dir / "tiny-embed").normalize  # exported normalised
+    unit = np.array(client.post("/embed", json={"inputs": TEXTS}, headers=auth).json())
+    r = client.post("/embed", json={"inputs": TEXTS, "normalize": False}, headers=auth)
+    assert r.status_code == 200 and r.headers["x-cache"] == "MISS"  # not the normalised entry
+    raw = np.array(r.json())
+    norms = np.linalg.norm(raw, axis=1)
+    assert not np.allclose(norms, 1, atol=1e-3)
+    assert np.allclose(raw / norms[:, None], unit, atol=1e-5)
+
+
+def test_one_model_call_with_and_without_normalisation(models_dir: Path) -> None:
+    # The micro-batcher merges requests into one call: each item keeps its own choice.
+    import onnxruntime as ort
+
+    from appliance.tasks import build_runner
+
+    folder = models_dir / "tiny-embed"
+    manifest = read_manifest(folder)
+    session = ort.InferenceSession(str(folder / manifest.files["model"].path))
+    runner = build_runner(folder, manifest, session)
+    payloads = [{"text": TEXTS[0]}, {"text": TEXTS[0], "normalize": False}, {"text": TEXTS[1]}]
+    items = runner.preprocess([runner.parse_input(p) for p in payloads])
+    raws = runner.infer(items)
+    merged = [runner.postprocess(i, r).output["vector"] for i, r in zip(items, raws, strict=True)]
+    alone = [runner.postprocess(i, runner.infer([i])[0]).output["vector"] for i in items]
+    # dynamic INT8 quantises activations over the whole call: alone, values move a little
+    assert np.allclose(merged, alone, atol=1e-3)
+    assert np.isclose(np.linalg.norm(merged[0]), 1) and np.isclose(np.linalg.norm(merged[2]), 1)
+    assert not np.isclose(np.linalg.norm(merged[1]), 1)
+    assert np.allclose(np.array(merged[1]) / np.linalg.norm(merged[1]), merged[0], atol=1e-6)
 
 
 def test_embed_truncate(client: TestClient, auth: dict[str, str]) -> None:

@@ -130,9 +130,12 @@ async def embed(data: TEIEmbedBody, work: Work) -> tuple[list[list[float]], Outc
     if data.prompt_name is not None:
         entry = work.inference.model_for(ref, work.call.key, VECTORISE, "embed")
         texts = _prompted(entry, texts, data.prompt_name)
+    # normalize=false asks an embedding model for its pooled vectors as they are (cached
+    # apart); CLIP text vectors come L2-normalised whatever the flag (their space is cosine).
+    extra = {} if data.normalize else {"normalize": False}
     outcome = await work.inference.run(
         ref,
-        [{"text": t} for t in texts],
+        [{"text": t, **extra} for t in texts],
         call=work.call,
         tasks=VECTORISE,
         truncate=data.truncate is not False,
