@@ -130,6 +130,10 @@ def test_embed_truncate(client: TestClient, auth: dict[str, str]) -> None:
     long = " ".join(["invoice"] * 300)
     cut = client.post("/embed", json={"inputs": long}, headers=auth)
     assert cut.status_code == 200 and cut.headers["x-truncated"] == "true"
+    right = client.post(
+        "/embed", json={"inputs": long, "truncation_direction": "Right"}, headers=auth
+    )
+    assert right.json() == cut.json()
     refused = client.post("/embed", json={"inputs": long, "truncate": False}, headers=auth)
     assert refused.status_code == 422 and refused.json()["code"] == "INPUT_TOO_LONG"
 
@@ -141,6 +145,7 @@ def test_embed_truncate(client: TestClient, auth: dict[str, str]) -> None:
         ({"inputs": "   "}, 422),
         ({"inputs": [1, 2]}, 422),
         ({"inputs": "x", "dimensions": 0}, 422),
+        ({"inputs": "x", "truncation_direction": "left"}, 422),
         ({}, 422),
         ({"inputs": "x", "model": "no-such-model"}, 404),
         ({"inputs": "x", "model": "tiny-cls"}, 422),

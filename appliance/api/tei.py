@@ -10,7 +10,7 @@ here a request may name one with `model`, else the default of its kind is used (
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -38,6 +38,9 @@ _EXPORT_HINT = {
     "reranker": "--task text-ranking",
 }
 _ALSO = {"reranker": "; an embedding model also reranks, by cosine similarity"}
+Right = Literal["right", "Right"]
+"""TEI's truncation_direction: texts are cut at their end; "left" is refused (422), not ignored."""
+
 # What GET /info and /tokenize describe when no model is named: TEI serves one model, most
 # often an embedding model.
 INFO_ORDER = ("embedding", "classifier", "reranker")
@@ -101,6 +104,7 @@ class TEIEmbedBody(msgspec.Struct, kw_only=True):
     """L2-normalise each vector (after `dimensions` cuts it)."""
     truncate: bool | None = None
     """Cut texts longer than the model takes (X-Truncated says so); false: 422. Default true."""
+    truncation_direction: Right = "right"
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Keep the first N dimensions (Matryoshka models); at most the model's dimension."""
     prompt_name: str | None = None
@@ -162,6 +166,7 @@ class TEIPredictBody(msgspec.Struct, kw_only=True):
     pair ["text", "text"] is TEI's sentence-pair input, which this server refuses (422)."""
     truncate: bool | None = None
     """Cut texts longer than the model takes (X-Truncated says so); false: 422. Default true."""
+    truncation_direction: Right = "right"
     raw_scores: bool = False
     """The logits instead of the softmax (sigmoid for multi-label models)."""
     model: str | None = None
