@@ -285,6 +285,21 @@ def task_api_model(entry: ModelEntry, *, detailed: bool = False) -> dict[str, An
     return out
 
 
+class TaskApiModelDetail(msgspec.Struct):
+    """task_api_model(detailed=True) as a type, so the document tells it from a run's answer."""
+
+    id: str
+    name: str
+    description: str
+    tasks: list[str]
+    build_status: str
+    last_deployment: str | None
+    build_message: str
+    model_url: str | None
+    config_url: str | None
+    requirements_url: str | None
+
+
 @get("/models", opt={"scope": "predict"}, tags=["tasks"])
 async def task_api_models(
     request: Request[Any, Any, Any], registry: Registry, include_global: bool = True
@@ -297,12 +312,16 @@ async def task_api_models(
 @get("/models/{model:str}", opt={"scope": "predict"}, tags=["tasks"])
 async def task_api_model_detail(
     request: Request[Any, Any, Any], model: str, registry: Registry, inference: Inference
-) -> dict[str, Any] | PredictResponse:
+) -> TaskApiModelDetail | PredictResponse:
     """One model, with its build message. With query parameters giving its input (the
     endpoint API's `GET /models/sentiment?text=Hello+world`), runs the model and answers as
     POST /v1/models/{model}/predict does."""
     return await _details_or_run(
-        request, model, registry, inference, lambda e: task_api_model(e, detailed=True)
+        request,
+        model,
+        registry,
+        inference,
+        lambda e: TaskApiModelDetail(**task_api_model(e, detailed=True)),
     )
 
 
