@@ -85,8 +85,11 @@ def test_embed_dimensions_cut_and_renormalise(
     assert np.allclose(plain, pooled.json()[0][:8], atol=1e-6)  # cut, not renormalised
     dim = read_manifest(models_dir / "tiny-embed").dimension
     assert dim is not None
+    spent = client.get("/v1/balance", headers=auth).json()["spent"]
+    assert spent > 0  # the requests above were charged
     over = client.post("/embed", json={"inputs": "x", "dimensions": dim + 1}, headers=auth)
-    assert over.status_code == 422 and over.json()["details"]["field"] == "dimensions"
+    assert over.status_code == 422 and over.json()["details"] == {"field": "dimensions", "max": dim}
+    assert client.get("/v1/balance", headers=auth).json()["spent"] == spent  # refused up front
     at = client.post("/embed", json={"inputs": "x", "dimensions": dim}, headers=auth)
     assert at.status_code == 200 and len(at.json()[0]) == dim
 

@@ -131,9 +131,15 @@ async def embed(data: TEIEmbedBody, work: Work) -> tuple[list[list[float]], Outc
     """The work of POST /embed."""
     texts, _ = as_batch(data.inputs, "inputs", work.settings.server.max_batch_items)
     ref = data.model or default_model(work, "embedding")
-    if data.prompt_name is not None:
+    if data.prompt_name is not None or data.dimensions is not None:
         entry = work.inference.model_for(ref, work.call.key, VECTORISE, "embed")
         texts = _prompted(entry, texts, data.prompt_name)
+        size = entry.manifest.dimension if entry.manifest else None
+        if size and data.dimensions and data.dimensions > size:  # refused before any charge
+            raise ValidationFailed(
+                f"`dimensions` is {data.dimensions}; this model's vectors have {size}.",
+                details={"field": "dimensions", "max": size},
+            )
     # normalize=false asks an embedding model for its pooled vectors as they are (cached
     # apart); CLIP text vectors come L2-normalised whatever the flag (their space is cosine).
     extra = {} if data.normalize else {"normalize": False}
