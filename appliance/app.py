@@ -33,6 +33,7 @@ from appliance.api import (
     rerank,
     summarise,
     tasks,
+    tei,
     vision,
 )
 from appliance.api.recorder import request_recorder
@@ -163,6 +164,7 @@ def create_app(
             *generation.ROUTES,
             *vision.ROUTES,
             *rerank.ROUTES,
+            *tei.ROUTES,
             *jobs.ROUTES,
             *pipelines.ROUTES,
             *documents.ROUTES,

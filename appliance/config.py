@@ -194,6 +194,18 @@ class ClusterConfig(_Section):
         return bool(self.database_url or self.redis_url)
 
 
+class DefaultsConfig(_Section):
+    """The model a route uses when a request names none (TEI's /embed, /predict, /rerank,
+    /tokenize, /info). Empty: the first installed model of that kind the key may use."""
+
+    embedding: str = ""
+    """Slug (or alias) of the default embedding model (task feature-extraction)."""
+    classifier: str = ""
+    """Slug of the default classifier (task text-classification)."""
+    reranker: str = ""
+    """Slug of the default reranker: a cross-encoder (text-ranking), else an embedding model."""
+
+
 class Settings(_Section):
     data_dir: str = DEFAULT_DIRS["data_dir"]
     """All state: keys, cache, usage, jobs. Override: APPLIANCE_DATA_DIR."""
@@ -210,6 +222,7 @@ class Settings(_Section):
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    defaults: DefaultsConfig = msgspec.field(default_factory=DefaultsConfig)
     aliases: dict[str, str] = msgspec.field(default_factory=lambda: {"english": "all-minilm-l6-v2"})
     """Model names of the task API (english, multilingual, clip, ...) mapped to slugs."""
     endpoint_aliases: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)

@@ -234,6 +234,50 @@ class Inference:
             limits=limits,
         )
 
+    async def tokenize(
+        self,
+        ref: str,
+        texts: list[str],
+        *,
+        call: Call,
+        add_special_tokens: bool = True,
+        endpoint: str | None = None,
+    ) -> Outcome:
+        """Each text's tokens with the model's tokenizer (a result `{"tokens": [Token]}` per
+        text). Admitted and checked as `run` is; no model call, so nothing cached or charged."""
+        from appliance.runtime.tokenizer import TextTokenizer
+
+        start = time.perf_counter()
+        key = call.key
+        rpm, tpm = self._rates(key)
+        limits = self.limiter.admit_request(key.id, rpm, tpm)
+        entry = self.model_for(ref, key, None, endpoint)
+        call.model, call.cache_status = entry.slug, "BYPASS"
+        await self.registry.ensure_loaded(entry)
+        tokenizer = getattr(entry.runner, "tokenizer", None)
+        if not isinstance(tokenizer, TextTokenizer):
+            assert entry.manifest is not None
+            raise WrongTask(
+                f"Model '{entry.slug}' ({entry.manifest.task}) has no text tokenizer to show.",
+                details={"model": entry.slug, "task": entry.manifest.task},
+            )
+        if sum(len(t) for t in texts) <= INLINE_CHARS:
+            rows = tokenizer.tokens(texts, add_special_tokens=add_special_tokens)
+        else:
+            rows = await asyncio.to_thread(
+                tokenizer.tokens, texts, add_special_tokens=add_special_tokens
+            )
+        return Outcome(
+            model=entry,
+            results=[ItemResult({"tokens": row}, tokens=0) for row in rows],
+            latency_ms=(time.perf_counter() - start) * 1000,
+            tokens=0,
+            cache_status="BYPASS",
+            cache_key=None,
+            cache_age=None,
+            limits=limits,
+        )
+
     async def _compute(
         self,
         entry: ModelEntry,

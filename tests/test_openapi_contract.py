@@ -43,6 +43,9 @@ RULES_IN_CODE_ONLY = {
     "/v1/keys",
     # A step's `endpoint` must be a job endpoint and its `input` that endpoint's body.
     "/v1/pipelines",
+    # TEI's `inputs`: a list of strings is one text (a pair, refused here), a list of lists a
+    # batch; one list type per union is all msgspec (and so the document) can state.
+    "/predict",
     # `file` must hold a PDF or DOCX in base64: its content is beyond a schema.
     "/v1/classify",
     "/v1/tag",

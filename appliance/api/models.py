@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -20,7 +22,7 @@ from appliance.api.schemas import (
     PredictMeta,
     PredictResponse,
 )
-from appliance.errors import BatchNotSupported, ModelNotFound, request_id_of
+from appliance.errors import BatchNotSupported, ModelNotFound, ValidationFailed, request_id_of
 from appliance.gateway.auth import current_key
 from appliance.inference import Inference
 from appliance.models.builds import SLUG, Builds
@@ -129,10 +131,14 @@ async def list_models(
     tags=["models"],
 )
 async def get_model(
-    request: Request[Any, Any, Any], slug: str, registry: Registry
-) -> ModelDetailEnvelope:
-    """One model's details, example payload and the fidelity measured at export."""
-    return ModelDetailEnvelope(data=detail(_allowed(request, registry, slug)))
+    request: Request[Any, Any, Any], slug: str, registry: Registry, inference: Inference
+) -> ModelDetailEnvelope | PredictResponse:
+    """One model's details, example payload and the fidelity measured at export. With query
+    parameters giving its input (`?text=Hello+world`), runs the model instead and answers
+    as POST .../predict does (`truncate=false` as there)."""
+    return await _details_or_run(
+        request, slug, registry, inference, lambda e: ModelDetailEnvelope(data=detail(e))
+    )
 
 
 @post(
@@ -145,11 +151,16 @@ async def predict(
     slug: str, data: PredictBody, request: Request[Any, Any, Any], inference: Inference
 ) -> Response[PredictResponse]:
     """Run a model on one input. A list (batch) is refused with 422 BATCH_NOT_SUPPORTED."""
-    if isinstance(data.input, list):
+    return await _predict(slug, data.input, data.truncate, request, inference)
+
+
+async def _predict(
+    slug: str, payload: Any, truncate: bool, request: Request[Any, Any, Any], inference: Inference
+) -> Response[PredictResponse]:
+    """The predict route's work, shared by its GET form (query parameters as the input)."""
+    if isinstance(payload, list):
         raise BatchNotSupported()
-    outcome = await inference.run(
-        slug, [data.input], call=call_for(request), truncate=data.truncate
-    )
+    outcome = await inference.run(slug, [payload], call=call_for(request), truncate=truncate)
     entry = outcome.model
     assert entry.manifest is not None
     result = outcome.results[0]
@@ -166,6 +177,76 @@ async def predict(
         ),
     )
     return inference_response(body, outcome)
+
+
+# ---- the endpoint API's GET form (seeds/endpoint-api.txt) ---------------------------------
+# GET /models/sentiment?text=Hello+world runs the model; without query parameters the same
+# paths answer the model's details. `truncate` is the predict option and `include_global` the
+# task API's listing flag (clients send it on details too): neither is an input field.
+OPTIONS = {"truncate", "include_global"}
+
+
+def _query_value(field: str, values: list[str], example: Any) -> Any:
+    """A query parameter as the input field the model takes. Query values are strings, so the
+    model's example payload decides: a field it gives as a number, boolean or list is
+    converted to one; one it gives as text stays text; other fields (e.g. generation's
+    temperature) take a JSON number or boolean when they spell one."""
+    if isinstance(example, list):
+        return values
+    if len(values) > 1:
+        return values  # several values for one field: a batch, refused as predict refuses it
+    value = values[0]
+    if isinstance(example, str):
+        return value
+    if example is None:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        return parsed if isinstance(parsed, (int, float, bool)) else value
+    try:
+        if isinstance(example, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        if isinstance(example, int):
+            return int(value)
+        if isinstance(example, float):
+            return float(value)
+    except ValueError:
+        raise ValidationFailed(
+            f"`{field}` must be a {type(example).__name__}, not {value!r}.",
+            details={"field": field},
+        ) from None
+    return value
+
+
+def _query_input(
+    request: Request[Any, Any, Any], entry: ModelEntry
+) -> tuple[dict[str, Any], bool] | None:
+    """(input, truncate) from the query string; None when it gives no input field."""
+    params = request.query_params
+    fields = [name for name in params if name not in OPTIONS]
+    if not fields:
+        return None
+    example = entry.manifest.example_payload if entry.manifest else {}
+    payload = {f: _query_value(f, params.getall(f), example.get(f)) for f in fields}
+    truncate = params.get("truncate", "true").lower() not in ("false", "0")
+    return payload, truncate
+
+
+async def _details_or_run(
+    request: Request[Any, Any, Any],
+    ref: str,
+    registry: Registry,
+    inference: Inference,
+    details: Callable[[ModelEntry], Any],
+) -> Any:
+    entry = _allowed(request, registry, ref)
+    given = _query_input(request, entry)
+    if given is None:
+        return details(entry)
+    return await _predict(ref, given[0], given[1], request, inference)
 
 
 @delete(
@@ -204,6 +285,21 @@ def task_api_model(entry: ModelEntry, *, detailed: bool = False) -> dict[str, An
     return out
 
 
+class TaskApiModelDetail(msgspec.Struct):
+    """task_api_model(detailed=True) as a type, so the document tells it from a run's answer."""
+
+    id: str
+    name: str
+    description: str
+    tasks: list[str]
+    build_status: str
+    last_deployment: str | None
+    build_message: str
+    model_url: str | None
+    config_url: str | None
+    requirements_url: str | None
+
+
 @get("/models", opt={"scope": "predict"}, tags=["tasks"])
 async def task_api_models(
     request: Request[Any, Any, Any], registry: Registry, include_global: bool = True
@@ -215,10 +311,18 @@ async def task_api_models(
 
 @get("/models/{model:str}", opt={"scope": "predict"}, tags=["tasks"])
 async def task_api_model_detail(
-    request: Request[Any, Any, Any], model: str, registry: Registry
-) -> dict[str, Any]:
-    """One model, with its build message."""
-    return task_api_model(_allowed(request, registry, model), detailed=True)
+    request: Request[Any, Any, Any], model: str, registry: Registry, inference: Inference
+) -> TaskApiModelDetail | PredictResponse:
+    """One model, with its build message. With query parameters giving its input (the
+    endpoint API's `GET /models/sentiment?text=Hello+world`), runs the model and answers as
+    POST /v1/models/{model}/predict does."""
+    return await _details_or_run(
+        request,
+        model,
+        registry,
+        inference,
+        lambda e: TaskApiModelDetail(**task_api_model(e, detailed=True)),
+    )
 
 
 @delete("/models/{model:str}", opt={"scope": "admin"}, tags=["tasks"], status_code=200)

@@ -4,7 +4,7 @@ A cross-encoder (task text-ranking) scores each (query, text) pair: `score` is t
 its logit (the logit itself with TEI's raw_scores). An embedding model can rerank too, by the
 cosine similarity of the query's and each text's vectors: the weaker choice (the texts are
 encoded without the query). Without `model`: the first text-ranking model, else the first
-embedding model. Every pair is charged.
+embedding model (config [defaults] reranker overrides). Every pair is charged.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from litestar import Response, post
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Text
 from appliance.api.tasks import Endpoint, Work
-from appliance.errors import ModelNotFound
+from appliance.api.tei import default_model
 from appliance.inference import Outcome
 
 CROSS_ENCODER, EMBEDDING = "text-ranking", "feature-extraction"
@@ -75,23 +75,11 @@ class RerankResponse(msgspec.Struct):
     usage: Usage
 
 
-def _default_model(work: Work) -> str:
-    entries = [e for e in work.inference.registry.entries() if e.is_active and e.manifest]
-    for task in (CROSS_ENCODER, EMBEDDING):
-        for entry in entries:
-            if entry.manifest.task == task and work.call.key.allows_model(entry.slug):
-                return entry.slug
-    raise ModelNotFound(
-        "No reranker is installed: `appliance export CHECKPOINT --task text-ranking` adds a "
-        "cross-encoder (an embedding model also reranks, by cosine similarity)."
-    )
-
-
 async def scores(
     query: str, texts: list[str], model: str | None, truncate: bool, work: Work
 ) -> tuple[list[float], bool, Outcome]:
     """(one score per text, whether they are logits, the outcome)."""
-    slug = model or _default_model(work)
+    slug = model or default_model(work, "reranker")
     entry = work.inference.registry.resolve(slug, "rerank")
     embedding = entry.manifest is not None and entry.manifest.task == EMBEDDING
     run = work.inference.run

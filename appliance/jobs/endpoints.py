@@ -13,6 +13,7 @@ from appliance.api import (
     rerank,
     summarise,
     tasks,
+    tei,
     vision,
 )
 from appliance.api.tasks import Endpoint
@@ -43,6 +44,7 @@ _ALL: dict[str, Endpoint] = {
     **summarise.ENDPOINTS,
     **rerank.ENDPOINTS,
     **documents.ENDPOINTS,
+    **tei.ENDPOINTS,
 }
 
 JOB_ENDPOINTS: dict[str, JobEndpoint] = {

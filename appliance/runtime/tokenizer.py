@@ -22,6 +22,15 @@ class Encoded:
         return len(self.ids)
 
 
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
 class TextTokenizer:
     def __init__(self, path: Path, *, max_tokens: int, pad_token_id: int) -> None:
         self._tok = Tokenizer.from_file(str(path))
@@ -30,6 +39,7 @@ class TextTokenizer:
         self._tok.no_padding()
         self._tok.enable_truncation(max_tokens)
         self.max_tokens = max_tokens
+        self._whole: Tokenizer | None = None
         self.pad_token_id = pad_token_id
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[Encoded]:
@@ -39,6 +49,28 @@ class TextTokenizer:
             Encoded(ids=e.ids, type_ids=e.type_ids, truncated=bool(e.overflowing))
             for e in encodings
         ]
+
+    def tokens(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
+        """Every token of each text, untruncated (what a client checks lengths with), with
+        UTF-8 byte offsets into the text as TEI gives them; special tokens have none."""
+        if self._whole is None:  # a copy: truncation is a setting of the shared tokenizer
+            self._whole = Tokenizer.from_str(self._tok.to_str())
+            self._whole.no_truncation()
+        encodings = self._whole.encode_batch(texts, add_special_tokens=add_special_tokens)
+        out = []
+        for text, e in zip(texts, encodings, strict=True):
+            row = []
+            for token_id, token, (start, stop), special in zip(
+                e.ids, e.tokens, e.offsets, e.special_tokens_mask, strict=True
+            ):
+                if special:
+                    row.append(Token(token_id, token, True, None, None))
+                    continue
+                begin = len(text[:start].encode())
+                piece = text[start:stop]
+                row.append(Token(token_id, piece, False, begin, begin + len(piece.encode())))
+            out.append(row)
+        return out
 
     def pad(self, batch: list[Encoded]) -> dict[str, np.ndarray]:
         length = max(e.n_tokens for e in batch)

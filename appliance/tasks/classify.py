@@ -16,9 +16,18 @@ from appliance.tasks.labels import LabelsInput, label_output, parse_labels_input
 
 
 @dataclass(frozen=True, slots=True)
+class RawScoresInput(LabelsInput):
+    """An input asking for the logits instead of their softmax/sigmoid (TEI's raw_scores);
+    its own type so that its cache key differs from the plain input's."""
+
+    raw_scores: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class ClassifyItem:
     encoded: Encoded
     labels: tuple[str, ...] | None
+    raw_scores: bool = False
 
 
 class ClassificationRunner(TextEncoderRunner[np.ndarray]):  # type: ignore[type-var]
@@ -38,11 +47,21 @@ class ClassificationRunner(TextEncoderRunner[np.ndarray]):  # type: ignore[type-
                     "Use a zero-shot model for arbitrary labels.",
                     details={"field": "labels", "model_labels": self.labels},
                 )
+        raw = payload.get("raw_scores", False)
+        if not isinstance(raw, bool):
+            raise ValidationFailed(
+                "`raw_scores` must be true or false.", details={"field": "raw_scores"}
+            )
+        if raw:
+            return RawScoresInput(parsed.text, parsed.labels, parsed.multi_label)
         return parsed
 
     def preprocess(self, inputs: list[LabelsInput], *, truncate: bool = True) -> list[ClassifyItem]:  # type: ignore[override]
         encoded = super().preprocess([i.text for i in inputs], truncate=truncate)
-        return [ClassifyItem(e, i.labels) for e, i in zip(encoded, inputs, strict=True)]
+        return [
+            ClassifyItem(e, i.labels, isinstance(i, RawScoresInput))
+            for e, i in zip(encoded, inputs, strict=True)
+        ]
 
     def cost(self, item: ClassifyItem) -> int:  # type: ignore[override]
         return item.encoded.n_tokens
@@ -57,7 +76,10 @@ class ClassificationRunner(TextEncoderRunner[np.ndarray]):  # type: ignore[type-
         if item.labels:
             index = [names.index(label) for label in item.labels]
             names, logits = list(item.labels), raw[index]
-        scores = sigmoid(logits) if self.manifest.multi_label else softmax(logits)
+        if item.raw_scores:
+            scores = logits
+        else:
+            scores = sigmoid(logits) if self.manifest.multi_label else softmax(logits)
         return ItemResult(
             label_output(names, scores),
             tokens=item.encoded.n_tokens,

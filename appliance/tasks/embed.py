@@ -36,11 +36,20 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True)
+class Unnormalised:
+    """A text whose vector is wanted as pooled, without the L2 normalisation the manifest may
+    ask for (TEI's `normalize: false`); its own type so that it is cached apart."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class EmbedItem:
     """The text's encoding, then one per label (zero-shot)."""
 
     encodings: list[Encoded]
     query: LabelsInput | None
+    normalise: bool = True
 
     @property
     def truncated(self) -> bool:
@@ -50,7 +59,14 @@ class EmbedItem:
 class EmbeddingRunner(TextEncoderRunner[Any]):  # type: ignore[type-var]
     task = "feature-extraction"
 
-    def parse_input(self, payload: Any) -> str | LabelsInput:  # type: ignore[override]
+    def parse_input(self, payload: Any) -> str | LabelsInput | Unnormalised:  # type: ignore[override]
+        if isinstance(payload, dict) and "normalize" in payload:
+            if not isinstance(payload["normalize"], bool):
+                raise ValidationFailed(
+                    "`normalize` must be true or false.", details={"field": "normalize"}
+                )
+            if not payload["normalize"] and "labels" not in payload:
+                return Unnormalised(require_text(payload))
         if isinstance(payload, dict) and "labels" in payload:
             parsed = parse_labels_input(payload)
             if parsed.labels is None:
@@ -62,27 +78,36 @@ class EmbeddingRunner(TextEncoderRunner[Any]):  # type: ignore[type-var]
         return require_text(payload)
 
     def preprocess(self, inputs: list[Any], *, truncate: bool = True) -> list[EmbedItem]:  # type: ignore[override]
-        texts = [i.text if isinstance(i, LabelsInput) else i for i in inputs]
+        texts = [i.text if isinstance(i, (LabelsInput, Unnormalised)) else i for i in inputs]
         encoded = super().preprocess(texts, truncate=truncate)
         items = []
         for inp, enc in zip(inputs, encoded, strict=True):
             if isinstance(inp, LabelsInput) and inp.labels:
                 items.append(EmbedItem([enc, *self.tokenizer.encode(list(inp.labels))], inp))
             else:
-                items.append(EmbedItem([enc], None))
+                items.append(EmbedItem([enc], None, not isinstance(inp, Unnormalised)))
         return items
 
     def cost(self, item: EmbedItem) -> int:  # type: ignore[override]
         return sum(e.n_tokens for e in item.encodings)
 
-    def embed(self, encodings: list[Encoded]) -> np.ndarray:
+    def embed(self, encodings: list[Encoded], rows: np.ndarray | None = None) -> np.ndarray:
+        """Pooled vectors, L2-normalised if the manifest says so (only `rows`, if given)."""
         outputs, mask = self.run_session(encodings)
         vectors = pool(outputs[0], mask, self.manifest.pooling or "mean")
-        return l2_normalise(vectors) if self.manifest.normalize else vectors
+        if not self.manifest.normalize:
+            return vectors
+        if rows is None:
+            return l2_normalise(vectors)
+        vectors[rows] = l2_normalise(vectors[rows])  # row-wise: the same values as all at once
+        return vectors
 
     def infer(self, batch: list[EmbedItem]) -> list[np.ndarray]:  # type: ignore[override]
         flat = [e for item in batch for e in item.encodings]
-        vectors = self.embed(flat).astype(np.float32)
+        rows = None
+        if not all(item.normalise for item in batch):
+            rows = np.array([item.normalise for item in batch for _ in item.encodings])
+        vectors = self.embed(flat, rows).astype(np.float32)
         out, start = [], 0
         for item in batch:
             out.append(vectors[start : start + len(item.encodings)])
