@@ -115,7 +115,7 @@ def create_app(
         scope=settings.cache.scope,
         shared=backends.shared_cache,
     )
-    builds = Builds(settings, registry, backends.leases)
+    builds = Builds(settings, registry, backends.leases, backends.grants)
     inference = Inference(registry, cache, limiter or backends.limiter, usage, settings.limits)
     job_manager = JobManager(
         settings,
@@ -177,7 +177,7 @@ def create_app(
             docs.openapi_json,
             docs.swagger_ui,
             docs.assets_router(),
-            *console_router(keys, settings.data_path),
+            *console_router(keys, settings.data_path, backends.shared_secret("console")),
         ],
         dependencies={
             "settings": provide(settings),

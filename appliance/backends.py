@@ -7,7 +7,7 @@ none of them knows which is in use."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,17 @@ class Backends:
     """Which shared backends answer (cluster mode), for /readyz."""
     closers: list[Any] = field(default_factory=list)
     cluster: bool = False
+    secrets: Any = None
+    """Cluster mode: secrets every replica must share (appliance.cluster.secrets)."""
+    grants: Any = None
+    """Cluster mode: upload-URL grants any replica can redeem; None: in this process."""
+
+    def shared_secret(self, name: str) -> Callable[[], bytes] | None:
+        """A loader of the secret `name` that every replica shares (None on a single box,
+        where each feature keeps its own file in data_dir)."""
+        if self.secrets is None:
+            return None
+        return lambda: self.secrets.get(name)
 
     def start(self) -> None:
         """Blocking (run in a thread): connections, migrations, first loads."""

@@ -10,11 +10,13 @@ from appliance.cluster.cache import RedisSharedCache
 from appliance.cluster.classifiers import PgClassifierStore, PgPipelineStore
 from appliance.cluster.database import Database
 from appliance.cluster.events import Events
+from appliance.cluster.grants import PgGrants
 from appliance.cluster.health import BackendHealth
 from appliance.cluster.keys import PgKeyStore
 from appliance.cluster.leases import Leases
 from appliance.cluster.limits import RedisLimiter, RedisSpend
 from appliance.cluster.redis_client import RedisBackend
+from appliance.cluster.secrets import SharedSecrets
 from appliance.cluster.usage import ClusterUsageLog
 from appliance.config import ConfigError, Settings
 
@@ -57,4 +59,6 @@ def open_cluster(settings: Settings, metrics: Any = None) -> Backends:
         health=health,
         closers=[db.close, redis.close],
         cluster=True,
+        secrets=SharedSecrets(db),
+        grants=PgGrants(db),
     )

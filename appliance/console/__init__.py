@@ -6,6 +6,7 @@ OpenAPI document."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from litestar import Router
@@ -31,9 +32,12 @@ from appliance.gateway.keys import KeyStore
 SECRET_FILE = "console.secret"
 
 
-def console_router(keys: KeyStore, data_path: Path) -> list[Router]:
+def console_router(
+    keys: KeyStore, data_path: Path, shared_secret: Callable[[], bytes] | None = None
+) -> list[Router]:
     """The console's routes and its static files, for create_app's route list."""
-    console = Console(Sessions(keys, data_path / SECRET_FILE))
+    sessions = Sessions(keys, data_path / SECRET_FILE, shared_secret=shared_secret)
+    console = Console(sessions)
     handle = error_handler(console)
     routes = Router(
         path="/",

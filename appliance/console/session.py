@@ -14,6 +14,7 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,11 +57,15 @@ class Sessions:
     secret_path: Path
     lifetime: int = SESSION_SECONDS
     _secret: bytes | None = None
+    shared_secret: Callable[[], bytes] | None = None
+    """Cluster mode: the secret every replica signs with (kept in PostgreSQL), so a session
+    made on one replica is valid on the others; None: the file in data_dir."""
 
     @property
     def secret(self) -> bytes:
         if self._secret is None:
-            self._secret = load_secret(self.secret_path)
+            load = self.shared_secret or (lambda: load_secret(self.secret_path))
+            self._secret = load()
         return self._secret
 
     def _mac(self, *parts: str) -> str:

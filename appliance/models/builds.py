@@ -93,8 +93,11 @@ class UploadGrant:
 
 
 class Builds:
-    def __init__(self, settings: Settings, registry: Registry, leases: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, leases: Any = None, grants: Any = None
+    ) -> None:
         self.leases = leases  # cluster mode: one replica builds an upload (a PostgreSQL lease)
+        self.shared_grants = grants  # cluster mode: upload URLs any replica redeems
         self.settings = settings
         self.registry = registry
         self.uploads = settings.data_path / "uploads"
@@ -115,13 +118,20 @@ class Builds:
     def grant(self, slug: str, task: str | None) -> str:
         self._check_slug(slug)
         now = time.time()
-        self._grants = {t: g for t, g in self._grants.items() if g.expires > now}
         token = secrets.token_urlsafe(24)
+        if self.shared_grants is not None:  # cluster mode: redeemable on any replica
+            self.shared_grants.put(token, slug, task, now + UPLOAD_URL_TTL)
+            return token
+        self._grants = {t: g for t, g in self._grants.items() if g.expires > now}
         self._grants[token] = UploadGrant(slug, task, now + UPLOAD_URL_TTL)
         return token
 
     def redeem(self, token: str) -> UploadGrant:
-        grant = self._grants.pop(token, None)
+        if self.shared_grants is not None:
+            row = self.shared_grants.take(token)
+            grant = UploadGrant(*row) if row is not None else None
+        else:
+            grant = self._grants.pop(token, None)
         if grant is None or grant.expires < time.time():
             raise NotFound("This upload URL is unknown, used or expired.")
         return grant
