@@ -52,7 +52,7 @@ def openapi_config() -> OpenAPIConfig:
         version=__version__,
         description="Offline inference appliance: INT8 ONNX models behind a hosted-style API. "
         "Authenticate with `Authorization: Bearer <key>` or `x-api-key: <key>`. "
-        "No key is needed for /healthz, /readyz, /metrics (unless `metrics.require_admin`), "
+        "No key is needed for /healthz, /readyz, /metrics (unless `auth.open_metrics` is false), "
         "/docs and /openapi.json: their operations declare `security: []`.",
         path="/schema",
         render_plugins=[SWAGGER, JsonRenderPlugin()],
