@@ -70,20 +70,26 @@ def docx_with_body(body: bytes) -> bytes:
     return out.getvalue()
 
 
-def pdf_with_stream(content: bytes) -> bytes:
+def pdf_with_stream(content: bytes, font: bool = False) -> bytes:
     """A one-page PDF whose content stream is `content`, FlateDecode-compressed: zeros make a
-    small file that inflates to any size (a PDF bomb)."""
+    small file that inflates to any size (a PDF bomb). With `font`, the page has Helvetica as
+    /F1, so the stream's text is really extracted (work for the reader, not an empty page)."""
     import zlib
 
     data = zlib.compress(content, 9)
+    resources = b" /Resources << /Font << /F1 5 0 R >> >>" if font else b""
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792]"
+        + resources
+        + b" /Contents 4 0 R >>",
         f"<< /Length {len(data)} /Filter /FlateDecode >>\nstream\n".encode()
         + data
         + b"\nendstream",
     ]
+    if font:
+        objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
     out = b"%PDF-1.4\n"
     offsets = []
     for number, body in enumerate(objects, 1):

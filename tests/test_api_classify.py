@@ -201,6 +201,23 @@ def test_classifier_count_is_capped_per_key(tmp_path: Path) -> None:
     assert ClassifierStore(tmp_path / "old.json").get("old", key).owner is None
 
 
+def test_the_classifier_store_is_kept_in_memory_not_reread_per_request(tmp_path: Path) -> None:
+    from appliance.classifiers import Classifier, ClassifierStore
+    from appliance.gateway.keys import KeyStore
+
+    key = KeyStore(tmp_path / "keys.json").create("a", ["predict"])[0]
+    path = tmp_path / "classifiers.json"
+    store = ClassifierStore(path)
+    store.create(Classifier(name="one", labels=["x", "y"]), who=key)
+    # The file is written through (it survives a restart)...
+    assert ClassifierStore(path).get("one", key).labels == ["x", "y"]
+    # ...but lookups answer from memory: a file gone bad under the server changes nothing.
+    path.write_bytes(b"not json at all")
+    for _ in range(3):
+        assert store.get("one", key).labels == ["x", "y"]
+    assert [c.name for c in store.list(key)] == ["one"]
+
+
 @pytest.mark.parametrize(
     "spec,status",
     [

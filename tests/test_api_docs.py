@@ -77,10 +77,18 @@ def test_every_operation_declares_the_error_body_and_headers(client: TestClient)
 
 
 def test_open_routes_need_no_key_and_metrics_is_prometheus_text(client: TestClient) -> None:
-    paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/healthz", "/readyz", "/metrics"):
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
         assert paths[path]["get"]["security"] == [], path
         assert "401" not in paths[path]["get"]["responses"]
+        assert path in schema["info"]["description"], path
+        # What the document says is what the server does: answered without a key.
+        assert client.get(path).status_code == 200, path
+    assert list(paths["/docs"]["get"]["responses"]["200"]["content"]) == ["text/html"]
+    assert list(paths["/openapi.json"]["get"]["responses"]["200"]["content"]) == [
+        "application/vnd.oai.openapi+json"
+    ]
     assert "security" not in paths["/api/v1/models"]["get"]
     ok = paths["/metrics"]["get"]["responses"]["200"]
     assert list(ok["content"]) == ["text/plain; version=0.0.4"]

@@ -503,6 +503,16 @@ def test_an_offset_past_64_bits_is_a_client_error(client: TestClient, admin_key:
     assert r.json()["details"]
 
 
+def test_a_status_filter_past_64_bits_is_a_client_error(client: TestClient, admin_key: str) -> None:
+    """Found by the long schemathesis run: a status past SQLite's 64-bit integers was a 500."""
+    headers = {"x-api-key": admin_key}
+    r = client.get("/v1/logs?status=3901956993109103476736", headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["details"]["field"] == "status"
+    assert client.get("/v1/logs?status=99", headers=headers).status_code == 422
+    assert client.get("/v1/logs?status=200", headers=headers).status_code == 200
+
+
 def test_secrets_never_reach_disk_or_logs(client: TestClient, admin_key: str, caplog) -> None:  # type: ignore[no-untyped-def]
     _, secret = client.keys.create("k", ["predict"])  # type: ignore[attr-defined]
     embed(client, secret, "hello")

@@ -206,3 +206,32 @@ def test_a_failed_export_is_one_clear_line_and_the_traceback_only_with_debug(env
     assert result.exit_code == 1
     assert "Traceback (most recent call last)" in result.output
     assert result.output.rstrip().splitlines()[-1].startswith("export failed: JSONDecodeError")
+
+
+def test_third_party_warnings_show_only_with_verbose(
+    env: Path, checkpoints: dict[str, Path]
+) -> None:
+    """The export's tracer warnings and deprecation notices are torch's and transformers', not
+    the user's to act on: hidden unless --verbose. A fresh process each time, since Python
+    shows a warning once per place and the filters are process-wide."""
+    import os
+    import subprocess
+
+    cli = Path(sys.executable).with_name("appliance")
+
+    def export(*extra: str) -> str:
+        done = subprocess.run(
+            [cli, "export", str(checkpoints["tiny-embed"]), "--task", "feature-extraction"]
+            + ["--name", f"w{len(extra)}", *extra],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            cwd=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    quiet, verbose = export(), export("--verbose")
+    assert "TracerWarning" in verbose  # the check would be empty without something to hide
+    assert "Warning" not in quiet and "deprecated" not in quiet, quiet
+    assert "passed" in quiet

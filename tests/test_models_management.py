@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from litestar.testing import TestClient
 
+from appliance.models.builds import EXPORT_NICENESS
+
 
 def zip_folder(folder: Path, prefix: str = "") -> bytes:
     buffer = io.BytesIO()
@@ -177,7 +179,14 @@ def test_a_cancelled_build_leaves_no_exporter_running(empty_app, checkpoints) ->
         while "victim" not in builds.procs:
             assert time.monotonic() < deadline, "the exporter never started"
             time.sleep(0.02)
-        return builds.procs["victim"].pid  # type: ignore[no-any-return]
+        pid: int = builds.procs["victim"].pid
+        # Spawned in a session of its own (so a cancel reaches its children), then lowered
+        # with os.setpriority from the server -- no preexec_fn in the threaded server.
+        assert os.getsid(pid) == pid
+        while os.getpriority(os.PRIO_PROCESS, pid) != EXPORT_NICENESS:
+            assert time.monotonic() < deadline, os.getpriority(os.PRIO_PROCESS, pid)
+            time.sleep(0.01)
+        return pid
 
     first = upload_and_wait_for_the_exporter()
     second = upload_and_wait_for_the_exporter()  # replaces the first build

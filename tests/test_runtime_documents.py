@@ -105,6 +105,32 @@ def test_a_pdf_worker_past_its_time_is_killed(monkeypatch: pytest.MonkeyPatch) -
     assert caught.value.details["field"] == "file"
 
 
+def test_a_pdf_worker_past_its_memory_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2 MB of text inflated from a few KB: read under the default limit, refused under 1 MiB
+    # (RLIMIT_AS), far below pypdf's own 75 MB stream caps.
+    pdf = b64(pdf_with_stream(b"BT /F1 12 Tf (" + b"a" * 2_000_000 + b") Tj ET", font=True))
+    assert extract_text(pdf).startswith("aaaa")
+    monkeypatch.setattr(documents, "PDF_MEMORY", 1024 * 1024)
+    with pytest.raises(ValidationFailed, match="memory") as caught:
+        extract_text(pdf)
+    assert caught.value.details["field"] == "file"
+
+
+def test_a_pdf_worker_past_its_cpu_time_is_stopped_by_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 400,000 text operators: many CPU-seconds of pypdf. The wall-clock limit is put out of
+    # the way, so what stops it is RLIMIT_CPU (SIGXCPU), long before the minute.
+    pdf = b64(pdf_with_stream(b"BT /F1 12 Tf 10 10 Td " + b"(ab) Tj " * 400_000 + b"ET", True))
+    monkeypatch.setattr(documents, "PDF_CPU_SECONDS", 1)
+    monkeypatch.setattr(documents, "PDF_TIMEOUT", 60.0)
+    start = time.perf_counter()
+    with pytest.raises(ValidationFailed, match="more time or memory") as caught:
+        extract_text(pdf)
+    assert time.perf_counter() - start < 30
+    assert caught.value.details["field"] == "file"
+
+
 def test_pdfs_read_in_workers_keep_their_text() -> None:
     start = time.perf_counter()
     for n in range(5):

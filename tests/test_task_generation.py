@@ -508,6 +508,34 @@ def test_real_smollm2_int8_follows_pytorch_and_writes_english(
     )
 
 
+@pytest.mark.real_model
+def test_real_smollm2_refuses_the_oversized_request_of_issue_13_in_under_a_second(
+    smollm2: tuple[Path, Path], serve: Callable[..., TestClient]
+) -> None:
+    """The request that ran for over 30 s: a ~6,000-token prompt, 16 beams, min_length 1,000,
+    to the default generator with the default budget (limits.max_generation_positions)."""
+    import time
+
+    models, _ = smollm2
+    client = serve(models)
+    key = client.keys.create("smol-big", ["predict"], token_quota=10**9)[1]  # type: ignore[attr-defined]
+    body = {
+        "text": "The quick brown fox jumps over the lazy dog. " * 600,
+        "model": "smollm2",
+        "num_beams": 16,
+        "min_length": 1000,
+        "max_length": 1000,
+    }
+    start = time.perf_counter()
+    r = client.post(URL, json=body, headers={"x-api-key": key})
+    took = time.perf_counter() - start
+    assert r.status_code == 422, r.text
+    details = r.json()["details"]
+    assert {"text", "max_length", "num_beams"} <= set(details["fields"])
+    assert details["max_positions"] == 16_384 and details["positions"] >= 16 * 6_000
+    assert took < 1.0, took
+
+
 # ---- cost bounded before work starts ---------------------------------------------------------
 
 
@@ -537,6 +565,36 @@ def test_oversized_generation_is_refused_before_any_model_work(
         assert "max_length" in json.loads(s.read())["details"]["fields"]
     small = {"text": "Hello", "model": "tiny-gpt2", "num_beams": 2, "max_length": 5}
     assert client.post(URL, json=small, headers=auth).status_code == 200
+
+
+def test_prefill_computes_only_the_last_positions_logits(
+    gen_models: Path, gen_checkpoints: dict[str, Path]
+) -> None:
+    """The exported graph's LM head sees only the last position (issue #13): a prompt's
+    prefill yields one row of vocabulary logits, not one per prompt token, and that row is
+    PyTorch's last-position row."""
+    import onnxruntime as ort
+    import torch
+
+    for slug in MODELS:
+        folder = gen_models / slug
+        assert read_manifest(folder).config["last_position_logits"] is True
+        session = ort.InferenceSession(str(folder / "model.onnx"))
+        model, tok = _torch(gen_checkpoints[slug])
+        ids = np.array([tok(PROMPTS[0]).input_ids], dtype=np.int64)
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for i in session.get_inputs():
+            if i.name == "position_ids":
+                feeds[i.name] = np.arange(ids.shape[1])[None]
+            elif i.name.startswith("past_key_values."):
+                feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        [logits] = session.run(["logits"], feeds)
+        assert ids.shape[1] > 1 and logits.shape == (1, 1, model.config.vocab_size)
+        with torch.inference_mode():
+            reference = model(torch.from_numpy(ids)).logits[0, -1].numpy()
+        ours = logits[0, 0]
+        cos = ours @ reference / (np.linalg.norm(ours) * np.linalg.norm(reference))
+        assert cos > 0.99 and ours.argmax() == reference.argmax(), (slug, cos)
 
 
 def test_every_beam_and_generation_is_charged(gen: tuple[TestClient, dict[str, str]]) -> None:
@@ -630,3 +688,6 @@ def test_a_dropped_stream_records_its_real_tokens(
     # (what the quota restarts from).
     assert row is not None and row[0] > 1, row
     assert spend is not None and spend[0] == row[0]
+    # And the metrics count the same tokens (the record was made once, after the model stopped).
+    metrics = client.get("/metrics").text
+    assert f'appliance_tokens_total{{model="tiny-gpt2"}} {float(row[0])}' in metrics, metrics

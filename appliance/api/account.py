@@ -129,7 +129,8 @@ async def request_logs(
     limit: int = Parameter(default=50, ge=1, le=1000),
     # A larger offset was a 500 (SQLite integers are 64-bit); 10**15 is exact as a JSON double.
     offset: int = Parameter(default=0, ge=0, le=10**15),
-    status: int | None = None,
+    # HTTP statuses only: a larger number was a 500 (past SQLite's 64-bit integers).
+    status: int | None = Parameter(default=None, ge=100, le=599),
     model: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,

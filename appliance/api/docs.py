@@ -51,7 +51,9 @@ def openapi_config() -> OpenAPIConfig:
         title="appliance",
         version=__version__,
         description="Offline inference appliance: INT8 ONNX models behind a hosted-style API. "
-        "Authenticate with `Authorization: Bearer <key>` or `x-api-key: <key>`.",
+        "Authenticate with `Authorization: Bearer <key>` or `x-api-key: <key>`. "
+        "No key is needed for /healthz, /readyz, /metrics (unless `auth.open_metrics` is false), "
+        "/docs and /openapi.json: their operations declare `security: []`.",
         path="/schema",
         render_plugins=[SWAGGER, JsonRenderPlugin()],
         components=Components(
@@ -176,6 +178,13 @@ _KEYED_ERRORS = {
     507: "Insufficient storage.",
 }
 METRICS_MEDIA = "text/plain; version=0.0.4"
+OPENAPI_MEDIA = "application/vnd.oai.openapi+json"
+# Open routes whose 200 is not JSON of a handler's return type: what they really send.
+_OPEN_CONTENT = {
+    "/metrics": {METRICS_MEDIA: {"schema": {"type": "string"}}},
+    "/openapi.json": {OPENAPI_MEDIA: {"schema": {"type": "object"}}},
+    "/docs": {"text/html": {"schema": {"type": "string"}}},
+}
 _METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 
@@ -217,8 +226,8 @@ def declare_responses(
                 headers.update(REQUEST_ID)
                 if inference:
                     headers.update(INFERENCE)
-                if path == "/metrics":
-                    response["content"] = {METRICS_MEDIA: {"schema": {"type": "string"}}}
+                if path in _OPEN_CONTENT:
+                    response["content"] = _OPEN_CONTENT[path]
             for status, description in errors.items():
                 headers = dict(REQUEST_ID)
                 if status in (429, 503):
@@ -235,13 +244,15 @@ def declare_responses(
     return doc
 
 
-@get("/openapi.json", include_in_schema=False, media_type="application/vnd.oai.openapi+json")
+@get("/openapi.json", tags=["operations"], media_type=OPENAPI_MEDIA)
 async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """This OpenAPI document (no key needed)."""
     return Response(SWAGGER.render_json(request, _schema(request)))
 
 
-@get("/docs", include_in_schema=False, media_type="text/html")
+@get("/docs", tags=["operations"], media_type="text/html")
 async def swagger_ui(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The API's documentation page, rendered from /openapi.json (no key needed)."""
     return Response(SWAGGER.render(request, _schema(request)))
 
 

@@ -33,9 +33,11 @@ MAX_NEW_TOKENS = 1024
 MAX_BEAMS = 16
 MAX_GENERATIONS = 16
 PREFILL_LOGITS_BYTES = 256 << 20
-"""The exported graph returns logits for every position it is fed: prefill in row chunks,
+"""Graphs exported before the exporter cut the LM head to the last position (manifest config
+`last_position_logits`) return logits for every position they are fed: prefill in row chunks,
 and long prompts in position spans fed through the cache, whose logits stay under this many
-bytes (one 6,000-token SmolLM2 row at once would be 1.2 GB of logits)."""
+bytes (one 6,000-token SmolLM2 row at once would be 1.2 GB of logits). The spans also bound
+the attention scores of a long prompt, so newer graphs are prefilled the same way."""
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
 
 
