@@ -233,3 +233,90 @@ def test_two_replicas_share_cache_usage_and_readiness(
     finally:
         one.__exit__(None, None, None)
         two.__exit__(None, None, None)
+
+
+def _cluster_config(tmp: Path, models_dir: Path, env: dict[str, str]) -> Path:
+    config = tmp / "cluster.toml"
+    config.write_text(
+        f'data_dir = "{tmp / "data"}"\nmodels_dir = "{models_dir}"\n[cluster]\n'
+        f'database_url = "{env["APPLIANCE_CLUSTER__DATABASE_URL"]}"\n'
+        f'redis_url = "{env["APPLIANCE_CLUSTER__REDIS_URL"]}"\n'
+    )
+    return config
+
+
+def test_batch_run_as_a_key_is_charged_in_postgres(
+    tmp_path: Path, models_dir: Path, cluster_env: dict[str, str], db: Database
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    key, secret = PgKeyStore(db).create("runner", ["jobs"], token_quota=600)
+    path, out = tmp_path / "in.ndjson", tmp_path / "out.ndjson"
+    path.write_bytes(b"".join(b'{"text": "invoice number %d is wrong"}\n' % i for i in range(400)))
+    args = ["batch", "run", str(path), "--endpoint", "/v1/text-vectorisation", "--out", str(out)]
+    config = _cluster_config(tmp_path, models_dir, cluster_env)
+    result = CliRunner().invoke(
+        app, [*args, "--model", "tiny-embed", "--config", str(config), "--key", secret]
+    )
+    assert result.exit_code == 1, result.output  # the quota ran out part way
+    report = json.loads(result.stderr.strip().splitlines()[-1])
+    assert report["stopped"]["code"] == "INSUFFICIENT_BALANCE"
+    with db.connection() as conn:
+        (tokens,) = conn.execute(
+            "SELECT SUM(tokens) FROM requests WHERE key_id = %s", (key.id,)
+        ).fetchone()
+        (spent,) = conn.execute("SELECT tokens FROM spend WHERE key_id = %s", (key.id,)).fetchone()
+    assert tokens == report["tokens"] == spent > 600
+    assert not (tmp_path / "data" / "usage.db").exists()  # nothing went to the local files
+
+
+def test_cluster_import_moves_a_single_box_in_once(
+    tmp_path: Path, models_dir: Path, cluster_env: dict[str, str], db: Database
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+    from appliance.gateway.keys import KeyStore
+
+    box = tmp_path / "box"
+    single = TestClient(create_app(make_settings(box, models_dir)))
+    with single:
+        keys = KeyStore(box / "keys.json")
+        _, secret = keys.create("old", ["predict"], token_quota=10_000)
+        headers = {"x-api-key": secret}
+        for text in ("one", "two", "three"):
+            r = single.post(
+                "/v1/text-vectorisation",
+                json={"text": text, "model": "tiny-embed"},
+                headers=headers,
+            )
+            assert r.status_code == 200
+        saved = {"name": "tickets", "labels": ["bug", "question"], "model": "tiny-embed"}
+        assert single.post("/v1/classifiers", json=saved, headers=headers).status_code == 201
+        spent = single.get("/v1/balance", headers=headers).json()["spent"]
+    config = _cluster_config(tmp_path, models_dir, cluster_env)
+    runner = CliRunner()
+    done = runner.invoke(app, ["cluster", "import", str(box), "--config", str(config)])
+    assert done.exit_code == 0, done.output
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["keys"] == 1 and counts["classifiers"] == 1 and counts["requests"] >= 3
+    again = runner.invoke(app, ["cluster", "import", str(box), "--config", str(config)])
+    assert again.exit_code == 1 and "imported already" in again.output
+
+    # The same secret works on a replica, with its spend, usage and classifier.
+    replica = _cluster_app(tmp_path, models_dir, cluster_env, "after-import")
+    try:
+        headers = {"x-api-key": secret}
+        assert replica.get("/v1/balance", headers=headers).json()["spent"] == spent
+        usage = replica.get("/v1/usage", headers=headers).json()
+        assert sum(r["requests"] for r in usage["data"] if r["model"] == "tiny-embed") == 3
+        body = {"text": "it crashes", "classifier": "tickets"}
+        assert replica.post("/v1/classify", json=body, headers=headers).status_code == 200
+    finally:
+        replica.__exit__(None, None, None)

@@ -117,7 +117,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
             shutil.copy(shots / f"{name}.png", Path(target) / f"{name}.png")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # Playwright runs an event loop: gone before other modules
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)

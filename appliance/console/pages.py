@@ -14,6 +14,7 @@ from litestar import Request, Response, get
 
 from appliance.api import operations
 from appliance.api.models import TASK_ENDPOINTS, detail
+from appliance.backends import Backends
 from appliance.console import stats
 from appliance.console.playground import SAMPLES, endpoints_for
 from appliance.console.web import Console
@@ -42,8 +43,9 @@ async def _overview(
     lifecycle: Lifecycle,
     metrics: Metrics,
     usage: UsageLog,
+    backends: Backends,
 ) -> dict[str, Any]:
-    ready = await operations.readyz.fn(registry=registry, lifecycle=lifecycle)
+    ready = await operations.readyz.fn(registry=registry, lifecycle=lifecycle, backends=backends)
     admin = current_key(request).allows_scope("admin")
     return {
         "health": ready.content["status"],
@@ -59,10 +61,11 @@ async def overview_page(
     console: Console,
     registry: Registry,
     lifecycle: Lifecycle,
+    backends: Backends,
     metrics: Metrics,
     usage: UsageLog,
 ) -> Response[str]:
-    data = await _overview(request, registry, lifecycle, metrics, usage)
+    data = await _overview(request, registry, lifecycle, metrics, usage, backends)
     return console.page(request, "overview.html", **data)
 
 
@@ -72,10 +75,11 @@ async def overview_fragment(
     console: Console,
     registry: Registry,
     lifecycle: Lifecycle,
+    backends: Backends,
     metrics: Metrics,
     usage: UsageLog,
 ) -> Response[str]:
-    data = await _overview(request, registry, lifecycle, metrics, usage)
+    data = await _overview(request, registry, lifecycle, metrics, usage, backends)
     return console.page(request, "overview_body.html", **data)
 
 

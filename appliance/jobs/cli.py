@@ -295,7 +295,7 @@ def run_file(
 ) -> None:
     """Answer FILE without a server, in this process or on Ray; the results are the batch
     jobs' result lines, in input order. A summary goes to stderr as JSON."""
-    from appliance.gateway.keys import KeyStore
+    from appliance.backends import open_backends
     from appliance.gateway.usage import UsageLog
     from appliance.jobs.endpoints import JOB_ENDPOINTS
     from appliance.jobs.offline import RunSpec, run_in_process, run_on_ray
@@ -310,12 +310,18 @@ def run_file(
         fail(f"no such file: {file}")
     spec = RunSpec(settings, endpoint, model, classifier)
     usage: UsageLog | None = None
+    backends = None
     if key:
-        found = KeyStore(settings.keys_path).authenticate(key)
+        # The server's own key store and usage log: the files, or PostgreSQL (and Redis for
+        # the quota) in cluster mode, so the run is charged where the key's usage lives.
+        backends = open_backends(settings)
+        backends.start()
+        found = backends.keys.authenticate(key)
         if found is None or not found.allows_scope("jobs"):
+            backends.stop()
             fail("the key is unknown, revoked, expired, or lacks the jobs scope")
         spec = RunSpec(settings, endpoint, model, classifier, found)
-        usage = UsageLog(settings.usage_path, retention_days=settings.usage.retention_days)
+        usage = backends.usage
         usage.start()
     partial = out.with_name(out.name + ".partial")
     try:
@@ -340,6 +346,8 @@ def run_file(
     finally:
         if usage is not None:
             usage.stop()
+        if backends is not None:
+            backends.stop()
     rate = summary.lines / summary.seconds if summary.seconds else 0.0
     report = {
         "lines": summary.lines,
