@@ -38,6 +38,7 @@ from appliance.api.request_id import request_id_middleware
 from appliance.classifiers import ClassifierStore
 from appliance.config import Settings
 from appliance.errors import exception_handler
+from appliance.fallbacks import Fallbacks
 from appliance.gateway.auth import auth_hook
 from appliance.gateway.cache import ResponseCache
 from appliance.gateway.keys import KeyStore
@@ -98,7 +99,14 @@ def create_app(
         scope=settings.cache.scope,
     )
     builds = Builds(settings, registry)
-    inference = Inference(registry, cache, limiter or RateLimiter(), usage, settings.limits)
+    inference = Inference(
+        registry,
+        cache,
+        limiter or RateLimiter(),
+        usage,
+        settings.limits,
+        Fallbacks(settings.fallbacks),
+    )
     classifiers = ClassifierStore(
         settings.data_path / "classifiers.json", max_per_key=settings.classifiers.max_per_key
     )
