@@ -100,8 +100,9 @@ def bare_answer(generated: str) -> str:
     if says_unknown(answer):
         return answer
     answer = _PREAMBLE.sub("", answer, count=1) or answer
-    quoted = _QUOTED.search(answer)
-    return quoted.group(1) if quoted else answer
+    # 'The answer to "Who is he?" is "1971"': the quoted part that is not a question.
+    quoted = [q for q in _QUOTED.findall(answer) if not q.rstrip().endswith("?")]
+    return quoted[-1] if quoted else answer
 
 
 _FUNCTION_WORDS = (
@@ -177,11 +178,18 @@ def snap(answer: str, context: str, question: str = "", max_words: int = MAX_ANS
     if i < 0:
         return Span("", 0, 0.0)
     # Words of the answer that were left out as the question's ("Company" of "Which company
-    # built it?" -> "Ford Motor Company") join the span where they border it.
+    # built it?" -> "Ford Motor Company") join the span where they border it in one phrase
+    # (no punctuation between: "the manager, Priya Nair" stays "Priya Nair").
     said = set(answered) - FUNCTION_WORDS
-    while j + 1 < len(words) and j + 1 - i < max_words and words[j + 1][2] in said:
+
+    def open_after(k: int) -> bool:
+        return context[words[k][1] - 1] not in ",;:.!?"
+
+    while (
+        j + 1 < len(words) and j + 1 - i < max_words and open_after(j) and words[j + 1][2] in said
+    ):
         j += 1
-    while i > 0 and j - i + 1 < max_words and words[i - 1][2] in said:
+    while i > 0 and j - i + 1 < max_words and open_after(i - 1) and words[i - 1][2] in said:
         i -= 1
     start, end = words[i][0], words[j][1]
     raw = context[start:end]
@@ -328,15 +336,19 @@ class QuestionAnswering:
                 details={"field": "prev_a"},
             )
         seen, cut = fit(context, fit.budget(QA_CONTEXT_TOKENS, QA_MAX_NEW_TOKENS))
-        text = f"Text: {chat.clean(seen)}\n\nQuestion: "
+        # Earlier turns come first and the text with the question asked now, since a small
+        # model answers the last message it reads. A turn answered "unknown" is left out: it
+        # holds nothing a later question can refer to, and primes the model to refuse again.
         messages = [{"role": "system", "content": self.SYSTEM}]
         for q, a in zip(prev_q, prev_a, strict=True):
+            if says_unknown(a):
+                continue
             messages += [
-                {"role": "user", "content": text + chat.clean(q)},
+                {"role": "user", "content": f"Question: {chat.clean(q)}"},
                 {"role": "assistant", "content": chat.clean(a)},
             ]
-            text = "Question: "
-        messages.append({"role": "user", "content": text + chat.clean(question)})
+        user = f"Text: {chat.clean(seen)}\n\nQuestion: {chat.clean(question)}"
+        messages.append({"role": "user", "content": user})
         generation = {"text": chat.render(messages), "max_length": QA_MAX_NEW_TOKENS}
         return Prepared(generation, (question, seen), cut)
 
