@@ -20,6 +20,7 @@ outputs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import string
 from collections import Counter
@@ -38,6 +39,8 @@ from appliance.errors import (
 from appliance.models.registry import ModelEntry, Registry
 from appliance.tasks import ItemResult
 from appliance.tasks.base import require_text
+
+log = logging.getLogger("appliance.fallbacks")
 
 GENERATION = "text-generation"
 UNKNOWN = "unknown"
@@ -86,7 +89,7 @@ def says_unknown(answer: str) -> bool:
 
 
 _PREAMBLE = re.compile(
-    r"^.*?\b(?:answer(?: to (?:this|the) question)?|it) (?:is|was|would be)\s*:?\s*", re.I
+    r"^[^\"“]*?\b(?:answer(?: to (?:this|the) question)?|it) (?:is|was|would be)\s*:?\s*", re.I
 )
 _QUOTED = re.compile(r"[\"“]([^\"”]+)[\"”]")
 
@@ -223,7 +226,10 @@ class ChatFormat:
                 self._template = None
         if tokenizer is not None and all(tokenizer.token_to_id(m) is not None for m in self.CHATML):
             self.markers = self.CHATML
-        self.specials = tuple(t for t in (bos, eos, *self.markers) if t)
+        added = tokenizer.get_added_tokens_decoder().values() if tokenizer is not None else ()
+        self.specials = tuple(
+            {t for t in (bos, eos, *self.markers) if t} | {a.content for a in added if a.special}
+        )
         # A tokenizer that puts its own BOS first (SmolLM2's is "<|im_start|>") would double
         # a template's first marker: the rendered prompt leaves it to the tokenizer.
         lead = tokenizer.encode("").ids if tokenizer is not None else []
@@ -234,8 +240,20 @@ class ChatFormat:
         runner, manifest = entry.runner, entry.manifest
         assert manifest is not None
         tokenizer = getattr(runner, "tokenizer", None)
-        template = manifest.config.get("chat_template")
-        return cls(template if isinstance(template, str) else None, tokenizer)
+        config = manifest.config
+        template = config.get("chat_template")
+
+        def token(ids: Any) -> str:
+            first = ids[0] if isinstance(ids, list) and ids else ids
+            name = tokenizer.id_to_token(first) if tokenizer and isinstance(first, int) else None
+            return str(name or "")
+
+        return cls(
+            template if isinstance(template, str) else None,
+            tokenizer,
+            bos=token(config.get("bos_token_id")),
+            eos=token(config.get("eos_token_ids")),
+        )
 
     def clean(self, text: str) -> str:
         """User text with the format's control markers removed, so it cannot open turns."""
@@ -251,14 +269,17 @@ class ChatFormat:
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         if self._template is not None:
-            return str(
-                self._template.render(
-                    messages=messages,
-                    add_generation_prompt=True,
-                    bos_token=self._bos,
-                    eos_token=self._eos,
+            try:
+                return str(
+                    self._template.render(
+                        messages=messages,
+                        add_generation_prompt=True,
+                        bos_token=self._bos,
+                        eos_token=self._eos,
+                    )
                 )
-            )
+            except Exception:  # a template that fails on these messages: the markers below
+                log.warning("the generator's chat template failed; using its plain format")
         if self.markers:
             start, end = self.markers
             turns = "".join(f"{start}{m['role']}\n{m['content']}{end}\n" for m in messages)

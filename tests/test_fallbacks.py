@@ -135,6 +135,11 @@ def test_a_manifest_chat_template_is_rendered_in_a_sandbox() -> None:
     assert chat.render([{"role": "user", "content": "hi"}]) == "[user] hi\n[assistant] "
 
 
+def test_a_template_that_fails_falls_back_to_the_tokenizers_format() -> None:
+    chat = ChatFormat("{{ no_such_function() }}", _tokenizer(["<|im_start|>", "<|im_end|>"]))
+    assert chat.render([{"role": "user", "content": "U"}]).startswith("<|im_start|>user\nU")
+
+
 def test_plain_labelled_lines_without_a_chat_format() -> None:
     chat = ChatFormat(None, _tokenizer([]))
     prompt = chat.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
@@ -285,6 +290,18 @@ def test_fallbacks_off_or_no_generator_say_which_export_adds_a_model(
     )
     r = client.post("/v1/qa", json=SEED_QA, headers=_key(client))
     assert r.status_code == 404 and r.json()["details"]["fix"] == FIX_QA, r.text
+
+
+def test_other_endpoints_errors_name_their_export_too(
+    serve: Callable[..., TestClient], defaults_like: Path
+) -> None:
+    client = serve(defaults_like, **ENGLISH)
+    r = client.post(
+        "/v1/text-vectorisation", json={"text": "hi", "model": "tiny-gpt2"}, headers=_key(client)
+    )
+    assert r.status_code == 422 and r.json()["code"] == "MODEL_TASK_MISMATCH"
+    assert r.json()["details"]["models"] == ["tiny-embed"] and "tiny-embed" in r.json()["message"]
+    assert r.json()["details"]["fix"] == "appliance export CKPT --task feature-extraction"
 
 
 def test_an_unknown_model_name_stays_a_404_without_fallback(
