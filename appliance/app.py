@@ -42,6 +42,7 @@ from appliance.backends import Backends, open_backends
 from appliance.config import Settings
 from appliance.console import console_router
 from appliance.errors import exception_handler
+from appliance.fallbacks import Fallbacks
 from appliance.gateway.auth import auth_hook
 from appliance.gateway.cache import ResponseCache
 from appliance.gateway.keys import KeyStore
@@ -116,7 +117,14 @@ def create_app(
         shared=backends.shared_cache,
     )
     builds = Builds(settings, registry, backends.leases, backends.grants)
-    inference = Inference(registry, cache, limiter or backends.limiter, usage, settings.limits)
+    inference = Inference(
+        registry,
+        cache,
+        limiter or backends.limiter,
+        usage,
+        settings.limits,
+        Fallbacks(settings.fallbacks),
+    )
     job_manager = JobManager(
         settings,
         inference,

@@ -175,6 +175,16 @@ class JobsConfig(_Section):
     """Finished (completed, failed, cancelled) jobs and their files are removed after this."""
 
 
+class FallbacksConfig(_Section):
+    """Tasks served by the default instruct generator when no dedicated model is installed:
+    /v1/qa (answers snapped to a span of the context) and /v1/summarisation."""
+
+    enabled: bool = True
+    """false: those endpoints need a dedicated model (else 422/404 naming the export)."""
+    generator: str = ""
+    """The text-generation model's slug; empty: the first installed text-generation model."""
+
+
 class ClusterConfig(_Section):
     """Shared state for several replicas behind one load balancer. Both URLs empty (the
     default): a single box, all state under data_dir, no Redis or PostgreSQL client imported."""
@@ -223,6 +233,7 @@ class Settings(_Section):
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     defaults: DefaultsConfig = msgspec.field(default_factory=DefaultsConfig)
+    fallbacks: FallbacksConfig = msgspec.field(default_factory=FallbacksConfig)
     aliases: dict[str, str] = msgspec.field(default_factory=lambda: {"english": "all-minilm-l6-v2"})
     """Model names of the task API (english, multilingual, clip, ...) mapped to slugs."""
     endpoint_aliases: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.config import LimitsConfig
-from appliance.errors import Forbidden, ValidationFailed, WrongTask
+from appliance.errors import Forbidden, ModelNotFound, ValidationFailed, WrongTask
+from appliance.fallbacks import Fallbacks, Plan
 from appliance.gateway.cache import ResponseCache, cache_key
 from appliance.gateway.keys import ApiKey
 from appliance.gateway.ratelimit import LimitState, RateLimiter
@@ -103,6 +104,7 @@ class Inference:
     limiter: RateLimiter
     usage: UsageLog
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    fallbacks: Fallbacks = field(default_factory=Fallbacks)
 
     def _rates(self, key: ApiKey) -> tuple[int, int]:
         return (
@@ -148,6 +150,23 @@ class Inference:
             )
         return entry
 
+    def resolve(
+        self,
+        ref: str,
+        key: ApiKey,
+        tasks: Collection[str] | None = None,
+        endpoint: str | None = None,
+    ) -> tuple[ModelEntry, Plan | None]:
+        """The model that answers, and the fallback plan when it stands in for a task no
+        installed model has (appliance.fallbacks); errors say which export adds a model."""
+        try:
+            return self.model_for(ref, key, tasks, endpoint), None
+        except (WrongTask, ModelNotFound) as exc:
+            plan = self.fallbacks.plan(self.registry, ref, tasks, exc)
+            if plan is None:
+                raise self.fallbacks.explain(self.registry, tasks, exc) from None
+        return self.model_for(plan.generator.slug, key), plan
+
     async def run(
         self,
         ref: str,
@@ -166,10 +185,12 @@ class Inference:
         key = call.key
         rpm, tpm = self._rates(key)
         limits = self.limiter.admit_request(key.id, rpm, tpm)
-        entry = self.model_for(ref, key, tasks, endpoint)
+        entry, plan = self.resolve(ref, key, tasks, endpoint)
         call.model = entry.slug
         await self.registry.ensure_loaded(entry)  # models.lazy: opened at the first request
         assert entry.runner is not None and entry.manifest is not None
+        if plan is not None:
+            payloads = await plan.prepare(payloads, truncate)
         inputs = [entry.runner.parse_input(p) for p in payloads]
 
         # A key per cacheable item (None: never cached, e.g. sampling without a seed).
@@ -223,9 +244,10 @@ class Inference:
         if cacheable:
             joined = cacheable[0] if len(keys) == 1 else cache_key("", "", "", keys, {})
         call.tokens, call.cache_status = tokens, status
+        answers = [results[i] for i in range(len(inputs))]
         return Outcome(
             model=entry,
-            results=[results[i] for i in range(len(inputs))],
+            results=plan.finish(answers) if plan is not None else answers,
             latency_ms=(time.perf_counter() - start) * 1000,
             tokens=tokens,
             cache_status=status,

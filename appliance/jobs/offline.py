@@ -102,6 +102,7 @@ class LineAnswerer:
     def __init__(self, spec: RunSpec, streams: int = 0) -> None:
         from appliance.api.tasks import Work
         from appliance.classifiers import ClassifierStore
+        from appliance.fallbacks import Fallbacks
         from appliance.gateway.cache import ResponseCache
         from appliance.inference import Call, Inference
         from appliance.jobs.endpoints import JOB_ENDPOINTS
@@ -130,6 +131,7 @@ class LineAnswerer:
             UnmeteredLimiter(),
             _Unmetered(),
             settings.limits,  # type: ignore[arg-type]
+            Fallbacks(settings.fallbacks),
         )
         classifiers = ClassifierStore(settings.data_path / "classifiers.json")
 
