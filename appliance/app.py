@@ -84,6 +84,13 @@ def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
         return
     if not settings.auth.bootstrap_admin_key or keys.list():
         return
+    if settings.cluster.enabled:
+        # Replicas starting together would each make (and write locally) an admin key.
+        log.warning(
+            "no API keys exist: create one with `appliance keys create --scopes admin` (it "
+            "writes to cluster.database_url) or set auth.admin_key_file on every replica"
+        )
+        return
     _, secret = keys.create("admin", ["admin"])
     path = settings.data_path / "admin.key"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -156,8 +156,19 @@ def test_appliance_pod_practices(rendered: dict[str, list[dict[str, Any]]], over
     (policy,) = objects(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"] == labels
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    assert egress_ports == {53, 6379, 5432}
+    egress = policy["spec"]["egress"]
+    assert all(rule.get("to") for rule in egress)  # every way out names where it goes
+    egress_ports = {p["port"] for rule in egress for p in rule["ports"]}
+    clustered = overlay != "single"
+    assert egress_ports == ({53, 6379, 5432} if clustered else {53})
+    if clustered:
+        peers = {
+            p["port"]: rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+            for rule in egress
+            for p in rule["ports"]
+            if p["port"] != 53
+        }
+        assert peers == {6379: "redis", 5432: "postgresql"}
     sources = [s for rule in policy["spec"]["ingress"] for s in rule["from"]]
     # The peers keep their own labels (kustomize's includeSelectors once rewrote them).
     assert {"app.kubernetes.io/name": "prometheus"} in [
