@@ -63,11 +63,17 @@ def wire_cluster_events(
     """Models changed on another replica: rescan the shared models_dir now. Changes made
     here are announced to the others."""
 
-    def rescan(_: dict[str, str]) -> None:
-        asyncio.run_coroutine_threadsafe(registry.sync(), loop)
+    def rescan(message: dict[str, str]) -> None:
+        if message.get("change") == "removed" and message.get("slug"):
+            asyncio.run_coroutine_threadsafe(registry.forget(message["slug"]), loop)
+        else:
+            asyncio.run_coroutine_threadsafe(registry.sync(), loop)
+
+    def announce(slug: str, change: str) -> None:
+        backends.events.publish("models", slug=slug, change=change)
 
     backends.events.on("models", rescan)
-    registry.announce = lambda: backends.events.publish("models")  # type: ignore[method-assign]
+    registry.announce = announce  # type: ignore[method-assign]
 
 
 def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:

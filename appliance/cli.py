@@ -366,8 +366,12 @@ def export_defaults(
 @app.command()
 def bench(
     systems: Annotated[
-        str, typer.Option(help="Comma-separated subset of: appliance, torch, infinity, engine.")
-    ] = "appliance,torch,infinity,engine",
+        str,
+        typer.Option(
+            help="Comma-separated subset of: appliance, torch, infinity, engine, batch-run, "
+            "cluster (PostgreSQL + Redis against a single box)."
+        ),
+    ] = "appliance,torch,infinity,engine,cluster",
     quick: Annotated[bool, typer.Option(help="A short run: fewer points, 3 s each.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Results folder.")] = None,  # noqa: UP045
     models_dir: Annotated[

@@ -126,6 +126,16 @@ def summarise(result: dict[str, Any]) -> None:
         if rss
         else "no figure",
     )
+    cluster = result.get("cluster") or {}
+    ratio = cluster.get("cluster_vs_single")
+    add(
+        "cluster mode >= 85% of a single box's requests/s (c=32 short)",
+        met(ratio >= 0.85) if ratio else None,
+        f"{ratio:.2f}x ({cluster['cluster_requests_per_s']:.0f} vs "
+        f"{cluster['single_requests_per_s']:.0f} requests/s)"
+        if ratio
+        else cluster.get("skipped", "not measured (--systems cluster)"),
+    )
     result["targets"] = targets
 
 
@@ -286,6 +296,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{r['gain']:.2f}x |"
                 )
     lines += _batch_run_section(result.get("batch_run"))
+    lines += _cluster_section(result.get("cluster"))
     sizes = result.get("sizes", {})
     lines += ["", "## Other measurements", ""]
     if "serving_venv_mb" in sizes:
@@ -407,6 +418,38 @@ def _batch_run_section(run: dict[str, Any] | None) -> list[str]:
         f"(+ {ray['init_s']} s ray.init) | {ray['failed']} |",
         "",
         f"Ray vs in-process: {ray['vs_in_process']:.2f}x on this machine.",
+    ]
+
+
+def _cluster_section(run: dict[str, Any] | None) -> list[str]:
+    if not run:
+        return []
+    head = ["", "## Cluster mode against a single box", ""]
+    if "skipped" in run:
+        return [*head, f"Not measured: {run['skipped']}"]
+    rows = [
+        *head,
+        f"One replica on a real PostgreSQL and Redis (on this machine) against the same server "
+        f"as a single box: short texts, one per request, c={run['concurrency']}, "
+        f"{run['seconds_per_run']} s per run, two runs each (the best counts).",
+        "",
+        "| system | requests/s | p50 ms | p99 ms | server CPU (cores) | Redis commands / request "
+        "| PostgreSQL rows / request |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, points in run["runs"].items():
+        for p in points:
+            rows.append(
+                f"| {name} | {_fmt(p['requests_per_s'])} | {p['p50_ms']} | {p['p99_ms']} | "
+                f"{p['cpu_cores']} | {p.get('redis_commands_per_request', '-')} | "
+                f"{p.get('postgres_rows_per_request', '-')} |"
+            )
+    return [
+        *rows,
+        "",
+        f"Cluster vs single box: {run['cluster_vs_single']:.2f}x (goal >= 0.85). One limit "
+        f"decision (a Lua script round trip) costs {run['limit_script_round_trip_us']} us "
+        "from a client on this machine.",
     ]
 
 

@@ -32,7 +32,7 @@ from benchmarks.loadgen import Target, ensure_wrk, run_load
 from benchmarks.procs import Monitor, Server, free_port
 from benchmarks.texts import FIDELITY_SENTENCES, Shape, make_shapes, vocabulary_words
 
-ALL_SYSTEMS = ("appliance", "torch", "infinity", "engine", "batch-run")
+ALL_SYSTEMS = ("appliance", "torch", "infinity", "engine", "batch-run", "cluster")
 HTTP_SYSTEMS = ("appliance", "torch", "infinity")
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -565,6 +565,25 @@ def run_bench(opts: Options) -> dict[str, Any]:
             )
         except Exception as exc:  # noqa: BLE001 - reported, never fatal
             result["batch_run"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+    # --- cluster mode against a single box (PostgreSQL + Redis started for it)
+    if "cluster" in opts.systems:
+        log("measuring cluster mode (PostgreSQL + Redis) against a single box ...")
+        try:
+            result["cluster"] = _subprocess_json(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.cluster",
+                    str(models_dir),
+                    "--model",
+                    opts.model,
+                    "--seconds",
+                    str(opts.point_seconds),
+                ],
+                timeout=900,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported, never fatal
+            result["cluster"] = {"skipped": f"{type(exc).__name__}: {exc}"}
     # --- the HTTP systems, one at a time
     for name in HTTP_SYSTEMS:
         if name not in opts.systems:

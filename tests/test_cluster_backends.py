@@ -320,3 +320,18 @@ def test_cluster_import_moves_a_single_box_in_once(
         assert replica.post("/v1/classify", json=body, headers=headers).status_code == 200
     finally:
         replica.__exit__(None, None, None)
+
+
+def test_bench_section_measures_cluster_against_a_single_box(models_dir: Path) -> None:
+    """The `appliance bench --systems cluster` section runs and reports its figures (a smoke
+    test of the harness on the tiny model; the figures themselves are the bench's)."""
+    from benchmarks.cluster import measure
+
+    result = measure(models_dir, "tiny-embed", seconds=1, concurrency=8)
+    assert set(result["runs"]) == {"single", "cluster"}
+    for points in result["runs"].values():
+        assert len(points) == 2 and all(p["requests_per_s"] > 0 and not p["errors"] for p in points)
+    cluster = result["runs"]["cluster"][0]
+    assert cluster["redis_commands_per_request"] >= 1  # the limit script at least
+    assert 0.9 <= cluster["postgres_rows_per_request"] <= 1.1  # one usage record each
+    assert result["cluster_vs_single"] > 0 and result["limit_script_round_trip_us"] > 0

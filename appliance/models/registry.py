@@ -254,10 +254,10 @@ class Registry:
             self._seen[folder] = _version(folder)
             self._install(entry)
         if announce:
-            self.announce()
+            self.announce(entry.slug, "added")
         return entry
 
-    def announce(self) -> None:
+    def announce(self, slug: str, change: str) -> None:
         """Cluster mode: replaced by a publish, so other replicas rescan at once instead of
         at their next watch interval (they share models_dir)."""
 
@@ -278,7 +278,7 @@ class Registry:
         self._retire(entry, grace=0)
         log.info("model %s removed%s", slug, " and its files deleted" if delete_files else "")
         if announce:
-            self.announce()
+            self.announce(slug, "removed")
         return entry
 
     def set_build(self, slug: str, status: str, message: str) -> None:
@@ -293,6 +293,13 @@ class Registry:
                 await self.sync()
             except Exception:  # a bad folder must never stop the watcher
                 log.exception("models dir scan failed")
+
+    async def forget(self, slug: str) -> None:
+        """Another replica removed `slug` (and its folder): stop serving it now rather than
+        after two rescans, if its folder is really gone."""
+        entry = self._entries.get(slug)
+        if entry is not None and not await asyncio.to_thread(entry.folder.exists):
+            await self.remove(slug, announce=False)
 
     async def sync(self) -> None:
         """Pick up folders added or replaced in models_dir, and drop the ones that went."""

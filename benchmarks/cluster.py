@@ -1,0 +1,194 @@
+"""Cluster mode's cost: one replica on a real PostgreSQL and Redis against the same replica
+as a single box, same model, same load (short texts, one per request, c=32, wrk), measured
+alternately in one run. Also what each request costs the backends: Redis commands per
+request (from Redis's own INFO commandstats), the measured round trip of one limit script,
+and PostgreSQL rows written per request. Needs PostgreSQL, Redis (and wrk) from Debian.
+
+    python -m benchmarks.cluster MODELS_DIR --model all-minilm-l6-v2 --seconds 8
+
+Prints one `BENCH_JSON {...}` line (see benchmarks/run.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.loadgen import Target, ensure_wrk, run_load
+from benchmarks.procs import Monitor, Server, free_port
+from benchmarks.texts import make_shapes, vocabulary_words
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMITS = "[limits]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n"
+
+
+def _replica(
+    name: str, run: Path, models_dir: Path, cluster: dict[str, str] | None
+) -> tuple[Server, str]:
+    data = run / f"{name}-data"
+    config = run / f"{name}.toml"
+    text = f'data_dir = "{data}"\nmodels_dir = "{models_dir}"\n{LIMITS}'
+    if cluster:
+        text += (
+            "[cluster]\n"
+            f'database_url = "{cluster["database_url"]}"\nredis_url = "{cluster["redis_url"]}"\n'
+            f'replica_id = "{name}"\n'
+        )
+    config.write_text(text)
+    port = free_port()
+    cmd = [sys.executable, "-m", "appliance.cli", "serve", "--config", str(config)]
+    server = Server(
+        name,
+        [*cmd, "--port", str(port)],
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+        log=run / f"{name}.log",
+        cwd=run,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def _admin_key(config: Path) -> str:
+    import subprocess
+
+    made = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "keys", "create", "--name", "bench"]
+        + ["--scopes", "admin", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return made.stdout.strip().splitlines()[-1]
+
+
+def _script_round_trip(redis_url: str, calls: int = 2000) -> float:
+    """Microseconds of one rate-limit decision (the Lua script) seen from a client here."""
+    from appliance.cluster.health import BackendHealth
+    from appliance.cluster.limits import RedisLimiter
+    from appliance.cluster.redis_client import RedisBackend
+
+    backend = RedisBackend(redis_url, BackendHealth())
+    limiter = RedisLimiter(backend, fail_open=False, prefix="bench")
+    limiter.admit_request("warm", 10**9, 10**9)
+    started = time.perf_counter()
+    for _ in range(calls):
+        limiter.admit_request("rtt", 10**9, 10**9)
+    elapsed = time.perf_counter() - started
+    backend.close()
+    return elapsed / calls * 1e6
+
+
+def measure(models_dir: Path, model: str, seconds: float, concurrency: int) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from tests.cluster_servers import start_postgres, start_redis  # the same real servers
+
+    wrk = ensure_wrk()
+    tool = "wrk" if wrk else "httpx"
+    from appliance.models.manifest import read_manifest
+
+    manifest = read_manifest(models_dir / model)
+    tokenizer = models_dir / model / manifest.files["tokenizer"].path
+    words = vocabulary_words(tokenizer)
+    shape = next(
+        s for s in make_shapes(tokenizer, words, manifest.max_tokens) if s.name == "short-single"
+    )
+    pg, redis = start_postgres(), start_redis()
+    result: dict[str, Any] = {
+        "concurrency": concurrency,
+        "seconds_per_run": seconds,
+        "loadgen": tool,
+    }
+    try:
+        cluster = {"database_url": pg.new_database(), "redis_url": redis.new_url()}
+        with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
+            run = Path(tmp)
+            runs: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
+            for name in ("single", "cluster"):
+                server, base = _replica(
+                    name, run, models_dir, cluster if name == "cluster" else None
+                )
+                key = _admin_key(run / f"{name}.toml")
+                server.start()
+                assert server.proc is not None
+                monitor = Monitor(server.proc.pid)
+                target = Target(f"{base}/v1/text-vectorisation", "text", model, {"x-api-key": key})
+                try:
+                    run_load(tool, target, shape, words, concurrency=8, duration=2, wrk_path=wrk)
+                    monitor.wait_idle()
+                    for _ in range(2):  # two rounds each, so one noisy run shows
+                        stats0 = _redis_calls(cluster["redis_url"]) if name == "cluster" else 0
+                        rows0 = _rows(cluster["database_url"]) if name == "cluster" else 0
+                        cpu0, t0 = monitor.cpu_seconds(), time.perf_counter()
+                        res = run_load(
+                            tool, target, shape, words, concurrency=concurrency,
+                            duration=seconds, wrk_path=wrk,
+                        )  # fmt: skip
+                        wall = time.perf_counter() - t0
+                        ok = res["requests"] - res["errors_status"]
+                        point = {
+                            "requests_per_s": round(ok / (res["duration_s"] or seconds), 1),
+                            "p50_ms": round(res["p50_ms"], 2),
+                            "p99_ms": round(res["p99_ms"], 2),
+                            "errors": res["errors_status"],
+                            "cpu_cores": round((monitor.cpu_seconds() - cpu0) / wall, 2),
+                        }
+                        if name == "cluster":
+                            time.sleep(1)  # the usage writer's batches land
+                            calls = _redis_calls(cluster["redis_url"]) - stats0
+                            point["redis_commands_per_request"] = round(calls / max(ok, 1), 2)
+                            rows = _rows(cluster["database_url"]) - rows0
+                            point["postgres_rows_per_request"] = round(rows / max(ok, 1), 2)
+                        runs[name].append(point)
+                        monitor.wait_idle()
+                finally:
+                    monitor.close()
+                    server.stop()
+            best = {k: max(v, key=lambda p: p["requests_per_s"]) for k, v in runs.items()}
+            result.update(
+                runs=runs,
+                single_requests_per_s=best["single"]["requests_per_s"],
+                cluster_requests_per_s=best["cluster"]["requests_per_s"],
+                cluster_vs_single=round(
+                    best["cluster"]["requests_per_s"] / best["single"]["requests_per_s"], 3
+                ),
+                limit_script_round_trip_us=round(_script_round_trip(cluster["redis_url"]), 1),
+            )
+    finally:
+        redis.stop()
+        pg.stop()
+    return result
+
+
+def _redis_calls(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    stats = client.info("commandstats")
+    client.close()
+    return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info",))
+
+
+def _rows(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM requests").fetchone()
+    return int(row[0]) if row else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster", description=__doc__)
+    parser.add_argument("models_dir", type=Path)
+    parser.add_argument("--model", default="all-minilm-l6-v2")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    out = measure(args.models_dir.resolve(), args.model, args.seconds, args.concurrency)
+    print("BENCH_JSON " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
