@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -72,10 +73,12 @@ def cluster(
 ) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
     redis = start_redis()  # this module's own: test 7 stops and restarts it
+    shared_models = root / "models"  # the replicas' own copy: test 8 uploads into it
+    shutil.copytree(models_dir, shared_models)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "APPLIANCE_MODELS_DIR": str(models_dir),
+        "APPLIANCE_MODELS_DIR": str(shared_models),
         "APPLIANCE_AUTH__BOOTSTRAP_ADMIN_KEY": "false",
         "APPLIANCE_CLUSTER__DATABASE_URL": postgres.new_database(),
         "APPLIANCE_CLUSTER__REDIS_URL": redis.new_url(),
@@ -320,6 +323,20 @@ def test_7a_redis_down_follows_on_redis_down_and_recovers(cluster: Cluster) -> N
     opened = httpx.Client(base_url=cluster.direct(2), timeout=30)
     try:
         assert embed(opened, secret, "cached before the outage").status_code == 200
+        load_codes: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:  # through the load balancer, the whole time Redis is away
+            with httpx.Client(base_url=cluster.url, timeout=30) as c:
+                n = 0
+                while not stop.is_set():
+                    load_codes.append(embed(c, secret, f"under load {n % 50}").status_code)
+                    n += 1
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(0.3)
         cluster.redis.stop()
         statuses = [embed(closed, secret, f"during {i}").status_code for i in range(20)]
         refused = embed(closed, secret, "during")
@@ -340,7 +357,13 @@ def test_7a_redis_down_follows_on_redis_down_and_recovers(cluster: Cluster) -> N
         assert back, "not normal within 5 s of Redis coming back"
         assert time.monotonic() - began < 5
         assert wait_for(lambda: closed.get("/readyz").json()["backends"]["redis"] == "up", 5)
+        stop.set()
+        for w in workers:
+            w.join()
+        assert load_codes and 500 not in load_codes and set(load_codes) <= {200, 503}
+        assert 503 in load_codes and 200 in load_codes  # refused (fail_closed) and admitted
     finally:
+        stop.set()
         closed.close()
         opened.close()
 
@@ -392,3 +415,76 @@ def test_7b_postgres_down_loses_no_accepted_usage(cluster: Cluster) -> None:
             (key_id,),
         ).fetchall()
     assert spent == (tokens,), by_replica  # the durable spend caught up too
+
+
+def test_8_models_and_classifiers_changed_on_one_replica_reach_the_others(
+    cluster: Cluster,
+) -> None:
+    import io
+    import zipfile
+
+    _, secret = cluster.key("--scopes", "predict")
+    admin = {"x-api-key": cluster.admin}
+    one = httpx.Client(base_url=cluster.direct(0), timeout=60)
+    two = httpx.Client(base_url=cluster.direct(1), timeout=60)
+    try:
+        # A classifier saved through one replica is usable on another at once.
+        spec = {"name": "routing", "labels": ["billing", "bug"], "model": MODEL}
+        assert one.post("/v1/classifiers", json=spec, headers=admin).status_code == 201
+        body = {"text": "my invoice is wrong", "classifier": "routing"}
+        began = time.monotonic()
+        used = wait_for(
+            lambda: two.post("/v1/classify", json=body, headers={"x-api-key": secret}).is_success,
+            1.0,
+            0.02,
+        )
+        assert used, "the classifier did not reach the other replica within a second"
+        assert time.monotonic() - began < 1.2
+
+        # An exported model uploaded to one replica is served by the others.
+        buffer = io.BytesIO()
+        folder = cluster.root / "models" / MODEL
+        with zipfile.ZipFile(buffer, "w") as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    zf.write(path, str(path.relative_to(folder)))
+        up = one.post(
+            "/v1/models",
+            params={"name": "tiny-embed-copy"},
+            content=buffer.getvalue(),
+            headers={**admin, "content-type": "application/zip"},
+        )
+        assert up.status_code == 202, up.text
+        built = wait_for(
+            lambda: (
+                one.get("/v1/models/tiny-embed-copy", headers=admin).json()["data"]["build_status"]
+                == "success"
+            ),
+            60,
+            0.05,
+        )
+        assert built
+        began = time.monotonic()
+        served = wait_for(
+            lambda: embed_with(two, secret, "tiny-embed-copy").status_code == 200, 1.5, 0.02
+        )
+        assert served, "the uploaded model was not served by the other replica"
+        print(f"model reached the other replica {time.monotonic() - began:.2f} s after success")
+        gone = one.delete("/v1/models/tiny-embed-copy", headers=admin)
+        assert gone.status_code == 200
+        began = time.monotonic()
+        removed = wait_for(
+            lambda: embed_with(two, secret, "tiny-embed-copy").status_code == 404, 1.0, 0.02
+        )
+        assert removed, "the deleted model was still served by the other replica after 1 s"
+    finally:
+        one.close()
+        two.close()
+
+
+def embed_with(client: httpx.Client, secret: str, model: str) -> httpx.Response:
+    return client.post(
+        "/v1/text-vectorisation",
+        json={"text": "which model", "model": model},
+        headers={"x-api-key": secret},
+    )
