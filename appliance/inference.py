@@ -184,7 +184,7 @@ class Inference:
         start = time.perf_counter()
         key = call.key
         rpm, tpm = self._rates(key)
-        limits = self.limiter.admit_request(key.id, rpm, tpm)
+        limits = await self.limiter.aadmit_request(key.id, rpm, tpm)
         entry, plan = self.resolve(ref, key, tasks, endpoint)
         call.model = entry.slug
         await self.registry.ensure_loaded(entry)  # models.lazy: opened at the first request
@@ -209,7 +209,7 @@ class Inference:
         hits = {}
         if cacheable and call.read_cache:
             if len(cacheable) <= INLINE_ITEMS:
-                hits = self.cache.get_many(cacheable)
+                hits = await self.cache.aget_many(cacheable)
             else:
                 hits = await asyncio.to_thread(self.cache.get_many, cacheable)
         results = {
@@ -220,12 +220,11 @@ class Inference:
         misses = [i for i in range(len(inputs)) if i not in results]
         tokens = 0
         if misses:
-            computed = await self._compute(
+            computed, limits = await self._compute(
                 entry, [inputs[i] for i in misses], key, truncate, priority
             )
             results.update(zip(misses, computed, strict=True))
             tokens = sum(r.tokens for r in computed)
-            limits = self.limiter.state(key.id, rpm, tpm)
             fresh = {
                 k: (results[i].output, results[i].truncated)
                 for i in misses
@@ -272,7 +271,7 @@ class Inference:
         start = time.perf_counter()
         key = call.key
         rpm, tpm = self._rates(key)
-        limits = self.limiter.admit_request(key.id, rpm, tpm)
+        limits = await self.limiter.aadmit_request(key.id, rpm, tpm)
         entry = self.model_for(ref, key, None, endpoint)
         call.model, call.cache_status = entry.slug, "BYPASS"
         await self.registry.ensure_loaded(entry)
@@ -307,8 +306,10 @@ class Inference:
         key: ApiKey,
         truncate: bool,
         priority: int = REALTIME,
-    ) -> list[ItemResult]:
-        """Tokenise, charge the exact token count (quota, then rate), run, settle."""
+    ) -> tuple[list[ItemResult], LimitState]:
+        """Tokenise, charge the exact token count (quota, then rate), run, settle. Returns the
+        results and the limits as charged (what the headers report: no second look-up, which
+        in cluster mode would be another Redis round trip)."""
         runner, batcher = entry.runner, entry.batcher
         assert runner is not None and batcher is not None
         rpm, tpm = self._rates(key)
@@ -318,22 +319,25 @@ class Inference:
         reserved = sum(costs)
         self.usage.reserve(key.id, key.token_quota, reserved)
         try:
-            self.limiter.admit_tokens(key.id, rpm, tpm, reserved)
+            limits = await self.limiter.aadmit_tokens(key.id, rpm, tpm, reserved)
         except Exception:
-            self.usage.refund(key.id, reserved)
+            self.usage.refund(key.id, reserved, key.token_quota)
             raise
         try:
             raws = await batcher.submit(prepared, costs, priority=priority)
         except BaseException:
-            self.usage.refund(key.id, reserved)
+            self.usage.refund(key.id, reserved, key.token_quota)
             self.limiter.settle_tokens(key.id, tpm, -reserved)
             raise
         results = [runner.postprocess(p, r) for p, r in zip(prepared, raws, strict=True)]
         used = sum(r.tokens for r in results)
         if used != reserved:  # e.g. generation stopped early: bill what was really used
-            self.usage.refund(key.id, reserved - used)
+            self.usage.refund(key.id, reserved - used, key.token_quota)
             self.limiter.settle_tokens(key.id, tpm, used - reserved)
-        return results
+            limits = dataclasses.replace(
+                limits, remaining_tokens=max(0, min(tpm, limits.remaining_tokens + reserved - used))
+            )
+        return results, limits
 
     async def stream(
         self,
@@ -354,7 +358,7 @@ class Inference:
 
         key = call.key
         rpm, tpm = self._rates(key)
-        limits = self.limiter.admit_request(key.id, rpm, tpm)
+        limits = await self.limiter.aadmit_request(key.id, rpm, tpm)
         entry = self.model_for(ref, key, tasks, endpoint)
         call.model, call.cache_status = entry.slug, "BYPASS"
         await self.registry.ensure_loaded(entry)
@@ -378,9 +382,9 @@ class Inference:
         reserved = runner.cost(prepared)
         self.usage.reserve(key.id, key.token_quota, reserved)
         try:
-            self.limiter.admit_tokens(key.id, rpm, tpm, reserved)
+            await self.limiter.aadmit_tokens(key.id, rpm, tpm, reserved)
         except Exception:
-            self.usage.refund(key.id, reserved)
+            self.usage.refund(key.id, reserved, key.token_quota)
             raise
         limits = self.limiter.state(key.id, rpm, tpm)
         call.settled = loop.create_future()
@@ -390,7 +394,7 @@ class Inference:
                 return
             call.tokens = used
             if used != reserved:
-                self.usage.refund(key.id, reserved - used)
+                self.usage.refund(key.id, reserved - used, key.token_quota)
                 self.limiter.settle_tokens(key.id, tpm, used - reserved)
             call.settled.set_result(None)
 

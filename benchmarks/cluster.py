@@ -119,8 +119,9 @@ def measure(models_dir: Path, model: str, seconds: float, concurrency: int) -> d
                     run_load(tool, target, shape, words, concurrency=8, duration=2, wrk_path=wrk)
                     monitor.wait_idle()
                     for _ in range(2):  # two rounds each, so one noisy run shows
-                        stats0 = _redis_calls(cluster["redis_url"]) if name == "cluster" else 0
+                        stats0 = _redis_calls(cluster["redis_url"]) if name == "cluster" else {}
                         rows0 = _rows(cluster["database_url"]) if name == "cluster" else 0
+                        backends0 = _backend_cpu(pg, redis) if name == "cluster" else 0.0
                         cpu0, t0 = monitor.cpu_seconds(), time.perf_counter()
                         res = run_load(
                             tool, target, shape, words, concurrency=concurrency,
@@ -136,9 +137,16 @@ def measure(models_dir: Path, model: str, seconds: float, concurrency: int) -> d
                             "cpu_cores": round((monitor.cpu_seconds() - cpu0) / wall, 2),
                         }
                         if name == "cluster":
+                            # Here PostgreSQL and Redis share this machine's cores with the
+                            # replica and wrk; at a site they have their own.
+                            point["backends_cpu_cores"] = round(
+                                (_backend_cpu(pg, redis) - backends0) / wall, 2
+                            )
                             time.sleep(1)  # the usage writer's batches land
-                            calls = _redis_calls(cluster["redis_url"]) - stats0
-                            point["redis_commands_per_request"] = round(calls / max(ok, 1), 2)
+                            after = _redis_calls(cluster["redis_url"])
+                            point["redis_commands_per_request"] = {
+                                c: round((after[c] - stats0[c]) / max(ok, 1), 2) for c in TOP_LEVEL
+                            }
                             rows = _rows(cluster["database_url"]) - rows0
                             point["postgres_rows_per_request"] = round(rows / max(ok, 1), 2)
                         runs[name].append(point)
@@ -162,13 +170,37 @@ def measure(models_dir: Path, model: str, seconds: float, concurrency: int) -> d
     return result
 
 
-def _redis_calls(url: str) -> int:
+def _backend_cpu(pg: Any, redis: Any) -> float:
+    """CPU seconds used so far by the PostgreSQL server (all its processes) and Redis."""
+    import psutil
+
+    roots = []
+    pid_file = pg.data / "db" / "postmaster.pid"
+    roots.append(int(pid_file.read_text().split()[0]))
+    roots.append(redis.proc.pid)
+    total = 0.0
+    for pid in roots:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+TOP_LEVEL = ("evalsha", "mget", "set", "get")
+"""The commands the appliance sends itself (Redis also counts those a Lua script runs)."""
+
+
+def _redis_calls(url: str) -> dict[str, int]:
     import redis
 
     client = redis.Redis.from_url(url)
     stats = client.info("commandstats")
     client.close()
-    return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info",))
+    return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in TOP_LEVEL}
 
 
 def _rows(url: str) -> int:

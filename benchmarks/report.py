@@ -421,6 +421,12 @@ def _batch_run_section(run: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _calls(calls: dict[str, float] | None) -> str:
+    if not calls:
+        return "-"
+    return ", ".join(f"{c} {n:g}" for c, n in calls.items() if n)
+
+
 def _cluster_section(run: dict[str, Any] | None) -> list[str]:
     if not run:
         return []
@@ -433,15 +439,16 @@ def _cluster_section(run: dict[str, Any] | None) -> list[str]:
         f"as a single box: short texts, one per request, c={run['concurrency']}, "
         f"{run['seconds_per_run']} s per run, two runs each (the best counts).",
         "",
-        "| system | requests/s | p50 ms | p99 ms | server CPU (cores) | Redis commands / request "
-        "| PostgreSQL rows / request |",
-        "|---|---|---|---|---|---|---|",
+        "| system | requests/s | p50 ms | p99 ms | server CPU (cores) | backends CPU (cores) "
+        "| Redis commands / request | PostgreSQL rows / request |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, points in run["runs"].items():
         for p in points:
             rows.append(
                 f"| {name} | {_fmt(p['requests_per_s'])} | {p['p50_ms']} | {p['p99_ms']} | "
-                f"{p['cpu_cores']} | {p.get('redis_commands_per_request', '-')} | "
+                f"{p['cpu_cores']} | {p.get('backends_cpu_cores', '-')} | "
+                f"{_calls(p.get('redis_commands_per_request'))} | "
                 f"{p.get('postgres_rows_per_request', '-')} |"
             )
     return [

@@ -11,6 +11,7 @@ Retry-After; "fail_open" admits, logs once and counts appliance_backend_fail_ope
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from appliance.cluster.redis_client import ERRORS, RedisBackend
@@ -77,6 +78,27 @@ class RedisLimiter:
         self.fail_open = fail_open
         self.prefix = prefix
         self._script = backend.client.register_script(BUCKETS)
+        self._ascript: Any = None
+
+    async def _arun(self, key_id: str, rpm: int, tpm: int, req: int, tok: int) -> Any:
+        if self._ascript is None:
+            self._ascript = self.backend.aclient.register_script(BUCKETS)
+        try:
+            return await self.backend.acall(
+                self._ascript, keys=self._keys(key_id), args=[rpm, tpm, req, tok, 0]
+            )
+        except ERRORS:
+            return self._down()
+
+    def _down(self) -> None:
+        if self.fail_open:
+            self.backend.health.admitted_open()
+            return None
+        raise BackendUnavailable(
+            "The rate limiter (Redis) is unreachable; retry shortly.",
+            details={"backend": "redis"},
+            retry_after=2,
+        )
 
     def _keys(self, key_id: str) -> list[str]:
         return [f"{self.prefix}:rl:{{{key_id}}}:r", f"{self.prefix}:rl:{{{key_id}}}:t"]
@@ -87,14 +109,7 @@ class RedisLimiter:
                 self._script, keys=self._keys(key_id), args=[rpm, tpm, req, tok, force]
             )
         except ERRORS:
-            if self.fail_open:
-                self.backend.health.admitted_open()
-                return None
-            raise BackendUnavailable(
-                "The rate limiter (Redis) is unreachable; retry shortly.",
-                details={"backend": "redis"},
-                retry_after=2,
-            ) from None
+            return self._down()
 
     @staticmethod
     def _state(rpm: int, tpm: int, requests: float, tokens: float, now: float) -> LimitState:
@@ -108,9 +123,18 @@ class RedisLimiter:
         )
 
     def _decide(self, key_id: str, rpm: int, tpm: int, req: int, tok: int) -> LimitState:
-        import time
+        return self._judge(self._run(key_id, rpm, tpm, req, tok, 0), rpm, tpm, tok)
 
-        out = self._run(key_id, rpm, tpm, req, tok, 0)
+    async def _adecide(self, key_id: str, rpm: int, tpm: int, req: int, tok: int) -> LimitState:
+        return self._judge(await self._arun(key_id, rpm, tpm, req, tok), rpm, tpm, tok)
+
+    async def aadmit_request(self, key_id: str, rpm: int, tpm: int) -> LimitState:
+        return await self._adecide(key_id, rpm, tpm, 1, 0)
+
+    async def aadmit_tokens(self, key_id: str, rpm: int, tpm: int, tokens: int) -> LimitState:
+        return await self._adecide(key_id, rpm, tpm, 0, max(tokens, 0))
+
+    def _judge(self, out: Any, rpm: int, tpm: int, tok: int) -> LimitState:
         now = time.time()
         if out is None:  # fail open: nothing is known, report full buckets
             return self._state(rpm, tpm, rpm, tpm, now)

@@ -163,7 +163,9 @@ class ClusterUsageLog(UsageLog):
     def reserve(self, key_id: str, quota: int | None, tokens: int) -> None:
         if tokens <= 0:
             return
-        if self.spend_counter is not None:
+        if self.spend_counter is not None and quota is not None:
+            # Only a key with a quota needs Redis's atomic decision; without one the durable
+            # total (written behind) is all there is to keep: no round trip on its requests.
             self.spend_counter.charge(key_id, quota, tokens)
         elif quota is not None and self.durable_spent(key_id) + tokens > quota:
             # Without Redis, PostgreSQL alone decides (not atomic across replicas).
@@ -172,10 +174,10 @@ class ClusterUsageLog(UsageLog):
             raise InsufficientBalance("Token quota exhausted.", details={"token_quota": quota})
         self._add(key_id, tokens)
 
-    def refund(self, key_id: str, tokens: int) -> None:
+    def refund(self, key_id: str, tokens: int, quota: int | None = None) -> None:
         if not tokens:
             return
-        if self.spend_counter is not None:
+        if self.spend_counter is not None and quota is not None:
             with contextlib.suppress(BackendUnavailable):  # the durable total still gets it
                 self.spend_counter.charge(key_id, None, -tokens)
         self._add(key_id, -tokens)

@@ -70,6 +70,8 @@ class SharedCache(Protocol):
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
 
+    async def aget_many(self, keys: list[str]) -> dict[str, bytes]: ...
+
     def set_many(self, blobs: dict[str, bytes], ttl: float) -> None: ...
 
 
@@ -135,21 +137,51 @@ class ResponseCache:
             log.warning("cache disabled: %s", exc)
             return None
 
+    def _local(self, keys: list[str]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key in dict.fromkeys(keys):
+            value = self._queued.get(key)
+            values[key] = self._cache.get(key) if value is None else value  # type: ignore[union-attr]
+        return values
+
     def get_many(self, keys: list[str]) -> dict[str, Hit]:
+        """Blocking (disk, and Redis in cluster mode): for worker threads and small batches."""
         if self._cache is None:
             return {}
-        hits: dict[str, Hit] = {}
         try:
-            values: dict[str, Any] = {}
-            for key in dict.fromkeys(keys):
-                value = self._queued.get(key)
-                values[key] = self._cache.get(key) if value is None else value
+            values = self._local(keys)
             if self.shared is not None:
                 missing = [k for k, v in values.items() if not isinstance(v, bytes)]
                 if missing:
                     found = self.shared.get_many(missing)
                     values.update(found)
                     self._keep_local(found)
+        except Exception as exc:
+            log.warning("cache read failed (%s): treated as a miss", exc)
+            return {}
+        return self._hits(values)
+
+    async def aget_many(self, keys: list[str]) -> dict[str, Hit]:
+        """As get_many on the event loop: the disk lookups are microseconds, the second level's
+        round trip (cluster mode) is awaited instead of holding the loop."""
+        if self._cache is None:
+            return {}
+        try:
+            values = self._local(keys)
+            if self.shared is not None:
+                missing = [k for k, v in values.items() if not isinstance(v, bytes)]
+                if missing:
+                    found = await self.shared.aget_many(missing)
+                    values.update(found)
+                    self._keep_local(found)
+        except Exception as exc:
+            log.warning("cache read failed (%s): treated as a miss", exc)
+            return {}
+        return self._hits(values)
+
+    def _hits(self, values: dict[str, Any]) -> dict[str, Hit]:
+        hits: dict[str, Hit] = {}
+        try:
             for key, value in values.items():
                 if not isinstance(value, bytes):
                     continue

@@ -111,6 +111,14 @@ class RateLimiter:
         bucket.take(1, now)
         return self.state(key_id, rpm, tpm)
 
+    # The request path awaits these: a shared limiter (Redis, cluster mode) answers over the
+    # network without holding the event loop; this one answers at once.
+    async def aadmit_request(self, key_id: str, rpm: int, tpm: int) -> LimitState:
+        return self.admit_request(key_id, rpm, tpm)
+
+    async def aadmit_tokens(self, key_id: str, rpm: int, tpm: int, tokens: int) -> LimitState:
+        return self.admit_tokens(key_id, rpm, tpm, tokens)
+
     def admit_tokens(self, key_id: str, rpm: int, tpm: int, tokens: int) -> LimitState:
         if tokens <= 0:
             return self.state(key_id, rpm, tpm)

@@ -167,7 +167,9 @@ class UsageLog:
             self._spent[key_id] = spent + tokens
             self._charge(key_id, tokens)
 
-    def refund(self, key_id: str, tokens: int) -> None:
+    def refund(self, key_id: str, tokens: int, quota: int | None = None) -> None:
+        """Give back `tokens` (`quota`: the key's, which the cluster log needs to know whether
+        Redis counts this key; here every key's spend is counted)."""
         with self._lock:
             self._spent[key_id] = self._spent.get(key_id, 0) - tokens
             self._charge(key_id, -tokens)
