@@ -184,7 +184,6 @@ class Inference:
         start = time.perf_counter()
         key = call.key
         rpm, tpm = self._rates(key)
-        limits = await self.limiter.aadmit_request(key.id, rpm, tpm)
         entry, plan = self.resolve(ref, key, tasks, endpoint)
         call.model = entry.slug
         await self.registry.ensure_loaded(entry)  # models.lazy: opened at the first request
@@ -207,11 +206,18 @@ class Inference:
             ]
         cacheable = [k for k in keys if k is not None]
         hits = {}
+        shared: list[str] = []  # first-level misses, to look up in the second level
         if cacheable and call.read_cache:
             if len(cacheable) <= INLINE_ITEMS:
-                hits = await self.cache.aget_many(cacheable)
+                hits = self.cache.get_local(cacheable)
+                shared = [k for k in dict.fromkeys(cacheable) if k not in hits]
             else:
                 hits = await asyncio.to_thread(self.cache.get_many, cacheable)
+        # The request limit, and (cluster mode) the shared cache level, in one round trip.
+        names = self.cache.shared_names(shared)
+        limits, blobs = await self.limiter.aadmit_and_fetch(key.id, rpm, tpm, names)
+        if names:
+            hits.update(self.cache.absorb(shared, blobs))
         results = {
             i: ItemResult(hits[k].output, tokens=0, truncated=hits[k].truncated)
             for i, k in enumerate(keys)

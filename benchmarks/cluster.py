@@ -1,10 +1,11 @@
 """Cluster mode's cost: one replica on a real PostgreSQL and Redis against the same replica
-as a single box, same model, same load (short texts, one per request, c=32, wrk), measured
-alternately in one run. Also what each request costs the backends: Redis commands per
-request (from Redis's own INFO commandstats), the measured round trip of one limit script,
-and PostgreSQL rows written per request. Needs PostgreSQL, Redis (and wrk) from Debian.
+as a single box, same model, same load (short texts, one per request, c=32, wrk), in
+alternating rounds with both servers up and one loaded at a time (the medians count). Also
+what each request costs the backends: Redis commands per request (Redis's own INFO
+commandstats), the measured round trip of one limit script, PostgreSQL rows written per
+request and the backends' CPU. Needs PostgreSQL, Redis (and wrk) from Debian.
 
-    python -m benchmarks.cluster MODELS_DIR --model all-minilm-l6-v2 --seconds 8
+    python -m benchmarks.cluster MODELS_DIR --model all-minilm-l6-v2 --seconds 8 --rounds 4
 
 Prints one `BENCH_JSON {...}` line (see benchmarks/run.py)."""
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -81,7 +83,9 @@ def _script_round_trip(redis_url: str, calls: int = 2000) -> float:
     return elapsed / calls * 1e6
 
 
-def measure(models_dir: Path, model: str, seconds: float, concurrency: int) -> dict[str, Any]:
+def measure(
+    models_dir: Path, model: str, seconds: float, concurrency: int, rounds: int = 4
+) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from tests.cluster_servers import start_postgres, start_redis  # the same real servers
 
@@ -106,62 +110,38 @@ def measure(models_dir: Path, model: str, seconds: float, concurrency: int) -> d
         with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
             run = Path(tmp)
             runs: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
-            for name in ("single", "cluster"):
-                server, base = _replica(
-                    name, run, models_dir, cluster if name == "cluster" else None
-                )
-                key = _admin_key(run / f"{name}.toml")
-                server.start()
-                assert server.proc is not None
-                monitor = Monitor(server.proc.pid)
-                target = Target(f"{base}/v1/text-vectorisation", "text", model, {"x-api-key": key})
-                try:
+            servers: dict[str, tuple[Server, Monitor, Target]] = {}
+            try:
+                for name in ("single", "cluster"):
+                    server, base = _replica(
+                        name, run, models_dir, cluster if name == "cluster" else None
+                    )
+                    key = _admin_key(run / f"{name}.toml")
+                    server.start()
+                    assert server.proc is not None
+                    url = f"{base}/v1/text-vectorisation"
+                    target = Target(url, "text", model, {"x-api-key": key})
+                    servers[name] = (server, Monitor(server.proc.pid), target)
                     run_load(tool, target, shape, words, concurrency=8, duration=2, wrk_path=wrk)
-                    monitor.wait_idle()
-                    for _ in range(2):  # two rounds each, so one noisy run shows
-                        stats0 = _redis_calls(cluster["redis_url"]) if name == "cluster" else {}
-                        rows0 = _rows(cluster["database_url"]) if name == "cluster" else 0
-                        backends0 = _backend_cpu(pg, redis) if name == "cluster" else 0.0
-                        cpu0, t0 = monitor.cpu_seconds(), time.perf_counter()
-                        res = run_load(
-                            tool, target, shape, words, concurrency=concurrency,
-                            duration=seconds, wrk_path=wrk,
-                        )  # fmt: skip
-                        wall = time.perf_counter() - t0
-                        ok = res["requests"] - res["errors_status"]
-                        point = {
-                            "requests_per_s": round(ok / (res["duration_s"] or seconds), 1),
-                            "p50_ms": round(res["p50_ms"], 2),
-                            "p99_ms": round(res["p99_ms"], 2),
-                            "errors": res["errors_status"],
-                            "cpu_cores": round((monitor.cpu_seconds() - cpu0) / wall, 2),
-                        }
-                        if name == "cluster":
-                            # Here PostgreSQL and Redis share this machine's cores with the
-                            # replica and wrk; at a site they have their own.
-                            point["backends_cpu_cores"] = round(
-                                (_backend_cpu(pg, redis) - backends0) / wall, 2
-                            )
-                            time.sleep(1)  # the usage writer's batches land
-                            after = _redis_calls(cluster["redis_url"])
-                            point["redis_commands_per_request"] = {
-                                c: round((after[c] - stats0[c]) / max(ok, 1), 2) for c in TOP_LEVEL
-                            }
-                            rows = _rows(cluster["database_url"]) - rows0
-                            point["postgres_rows_per_request"] = round(rows / max(ok, 1), 2)
-                        runs[name].append(point)
+                # Alternating rounds, both servers up (one loaded at a time): a machine whose
+                # speed drifts during the run (shared hosts do) moves both alike.
+                for _ in range(rounds):
+                    for name, (_server, monitor, target) in servers.items():
                         monitor.wait_idle()
-                finally:
+                        runs[name].append(
+                            _one_run(name, target, monitor, shape, words, tool, wrk, seconds,
+                                     concurrency, cluster, pg, redis)
+                        )  # fmt: skip
+            finally:
+                for server, monitor, _target in servers.values():
                     monitor.close()
                     server.stop()
-            best = {k: max(v, key=lambda p: p["requests_per_s"]) for k, v in runs.items()}
+            median = {k: statistics.median(p["requests_per_s"] for p in v) for k, v in runs.items()}
             result.update(
                 runs=runs,
-                single_requests_per_s=best["single"]["requests_per_s"],
-                cluster_requests_per_s=best["cluster"]["requests_per_s"],
-                cluster_vs_single=round(
-                    best["cluster"]["requests_per_s"] / best["single"]["requests_per_s"], 3
-                ),
+                single_requests_per_s=median["single"],
+                cluster_requests_per_s=median["cluster"],
+                cluster_vs_single=round(median["cluster"] / median["single"], 3),
                 limit_script_round_trip_us=round(_script_round_trip(cluster["redis_url"]), 1),
             )
     finally:
@@ -191,7 +171,54 @@ def _backend_cpu(pg: Any, redis: Any) -> float:
 
 
 TOP_LEVEL = ("evalsha", "mget", "set", "get")
-"""The commands the appliance sends itself (Redis also counts those a Lua script runs)."""
+"""Commands counted by Redis (those a Lua script runs count too: the script's MGET of the
+second cache level shows as mget, though it travels inside the evalsha)."""
+
+
+def _one_run(
+    name: str,
+    target: Target,
+    monitor: Monitor,
+    shape: Any,
+    words: list[str],
+    tool: str,
+    wrk: str | None,
+    seconds: float,
+    concurrency: int,
+    cluster: dict[str, str],
+    pg: Any,
+    redis: Any,
+) -> dict[str, Any]:
+    clustered = name == "cluster"
+    stats0 = _redis_calls(cluster["redis_url"]) if clustered else {}
+    rows0 = _rows(cluster["database_url"]) if clustered else 0
+    backends0 = _backend_cpu(pg, redis) if clustered else 0.0
+    cpu0, t0 = monitor.cpu_seconds(), time.perf_counter()
+    res = run_load(
+        tool, target, shape, words, concurrency=concurrency, duration=seconds, wrk_path=wrk
+    )
+    wall = time.perf_counter() - t0
+    ok = res["requests"] - res["errors_status"]
+    point: dict[str, Any] = {
+        "requests_per_s": round(ok / (res["duration_s"] or seconds), 1),
+        "p50_ms": round(res["p50_ms"], 2),
+        "p99_ms": round(res["p99_ms"], 2),
+        "errors": res["errors_status"],
+        "cpu_cores": round((monitor.cpu_seconds() - cpu0) / wall, 2),
+    }
+    if clustered:
+        # Here PostgreSQL and Redis share this machine's cores with the replica and wrk; at a
+        # site they have their own.
+        point["backends_cpu_cores"] = round((_backend_cpu(pg, redis) - backends0) / wall, 2)
+        time.sleep(1)  # the usage writer's batches land
+        after = _redis_calls(cluster["redis_url"])
+        point["redis_commands_per_request"] = {
+            c: round((after[c] - stats0[c]) / max(ok, 1), 2) for c in TOP_LEVEL
+        }
+        point["postgres_rows_per_request"] = round(
+            (_rows(cluster["database_url"]) - rows0) / max(ok, 1), 2
+        )
+    return point
 
 
 def _redis_calls(url: str) -> dict[str, int]:
@@ -217,8 +244,11 @@ def main() -> None:
     parser.add_argument("--model", default="all-minilm-l6-v2")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    out = measure(args.models_dir.resolve(), args.model, args.seconds, args.concurrency)
+    out = measure(
+        args.models_dir.resolve(), args.model, args.seconds, args.concurrency, args.rounds
+    )
     print("BENCH_JSON " + json.dumps(out), flush=True)
 
 

@@ -437,7 +437,8 @@ def _cluster_section(run: dict[str, Any] | None) -> list[str]:
         *head,
         f"One replica on a real PostgreSQL and Redis (on this machine) against the same server "
         f"as a single box: short texts, one per request, c={run['concurrency']}, "
-        f"{run['seconds_per_run']} s per run, two runs each (the best counts).",
+        f"{run['seconds_per_run']} s per run, in alternating rounds with both servers up (the "
+        "medians count).",
         "",
         "| system | requests/s | p50 ms | p99 ms | server CPU (cores) | backends CPU (cores) "
         "| Redis commands / request | PostgreSQL rows / request |",

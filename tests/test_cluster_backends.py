@@ -327,7 +327,7 @@ def test_bench_section_measures_cluster_against_a_single_box(models_dir: Path) -
     test of the harness on the tiny model; the figures themselves are the bench's)."""
     from benchmarks.cluster import measure
 
-    result = measure(models_dir, "tiny-embed", seconds=1, concurrency=8)
+    result = measure(models_dir, "tiny-embed", seconds=1, concurrency=8, rounds=2)
     assert set(result["runs"]) == {"single", "cluster"}
     for points in result["runs"].values():
         assert len(points) == 2 and all(p["requests_per_s"] > 0 and not p["errors"] for p in points)

@@ -23,6 +23,11 @@ class RedisSharedCache:
             return {}
         return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
 
+    @staticmethod
+    def names(keys: list[str]) -> list[str]:
+        """The Redis keys of cache keys (for a read batched into another call)."""
+        return [PREFIX + k for k in keys]
+
     async def aget_many(self, keys: list[str]) -> dict[str, bytes]:
         """As get_many, for the request path (the event loop goes on during the round trip)."""
         try:

@@ -55,7 +55,13 @@ if take_t ~= 0 then
   redis.call('HSET', KEYS[2], 'l', tostring(tk), 'u', tostring(now))
   redis.call('EXPIRE', KEYS[2], 120)
 end
-return {0, tostring(r), tostring(tk), '0'}
+local out = {0, tostring(r), tostring(tk), '0'}
+-- Admitted: the cache entries named after the two buckets come back in the same round trip.
+if #KEYS > 2 then
+  local values = redis.call('MGET', unpack(KEYS, 3, #KEYS))
+  for i = 1, #values do out[4 + i] = values[i] end
+end
+return out
 """
 
 # KEYS: the key's spend counter. ARGV: tokens (negative: a refund), quota (-1: none).
@@ -80,12 +86,20 @@ class RedisLimiter:
         self._script = backend.client.register_script(BUCKETS)
         self._ascript: Any = None
 
-    async def _arun(self, key_id: str, rpm: int, tpm: int, req: int, tok: int) -> Any:
+    async def _arun(
+        self,
+        key_id: str,
+        rpm: int,
+        tpm: int,
+        req: int,
+        tok: int,
+        fetch: list[str] = (),  # type: ignore[assignment]
+    ) -> Any:
         if self._ascript is None:
             self._ascript = self.backend.aclient.register_script(BUCKETS)
         try:
             return await self.backend.acall(
-                self._ascript, keys=self._keys(key_id), args=[rpm, tpm, req, tok, 0]
+                self._ascript, keys=[*self._keys(key_id), *fetch], args=[rpm, tpm, req, tok, 0]
             )
         except ERRORS:
             return self._down()
@@ -130,6 +144,16 @@ class RedisLimiter:
 
     async def aadmit_request(self, key_id: str, rpm: int, tpm: int) -> LimitState:
         return await self._adecide(key_id, rpm, tpm, 1, 0)
+
+    async def aadmit_and_fetch(
+        self, key_id: str, rpm: int, tpm: int, fetch: list[str]
+    ) -> tuple[LimitState, list[bytes | None]]:
+        """Admit one request and read the Redis keys `fetch` (the response cache's second
+        level) in the same round trip: the request path's one call before the model."""
+        out = await self._arun(key_id, rpm, tpm, 1, 0, fetch)
+        state = self._judge(out, rpm, tpm, 0)
+        values = list(out[4:]) if out is not None else []
+        return state, values + [None] * (len(fetch) - len(values))
 
     async def aadmit_tokens(self, key_id: str, rpm: int, tpm: int, tokens: int) -> LimitState:
         return await self._adecide(key_id, rpm, tpm, 0, max(tokens, 0))

@@ -70,6 +70,8 @@ class SharedCache(Protocol):
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
 
+    def names(self, keys: list[str]) -> list[str]: ...
+
     async def aget_many(self, keys: list[str]) -> dict[str, bytes]: ...
 
     def set_many(self, blobs: dict[str, bytes], ttl: float) -> None: ...
@@ -160,6 +162,29 @@ class ResponseCache:
             log.warning("cache read failed (%s): treated as a miss", exc)
             return {}
         return self._hits(values)
+
+    def get_local(self, keys: list[str]) -> dict[str, Hit]:
+        """The first level alone (disk and queued writes; microseconds)."""
+        if self._cache is None:
+            return {}
+        try:
+            return self._hits(self._local(keys))
+        except Exception as exc:
+            log.warning("cache read failed (%s): treated as a miss", exc)
+            return {}
+
+    def shared_names(self, keys: list[str]) -> list[str]:
+        """Where the second level keeps `keys` (none on a single box)."""
+        return [] if self.shared is None or self._cache is None else self.shared.names(keys)
+
+    def absorb(self, keys: list[str], blobs: list[bytes | None]) -> dict[str, Hit]:
+        """Entries the second level returned for `keys` (read with another call): decoded,
+        and kept on this disk too."""
+        found = {k: b for k, b in zip(keys, blobs, strict=False) if isinstance(b, bytes)}
+        if not found:
+            return {}
+        self._keep_local(found)
+        return self._hits(dict(found))
 
     async def aget_many(self, keys: list[str]) -> dict[str, Hit]:
         """As get_many on the event loop: the disk lookups are microseconds, the second level's

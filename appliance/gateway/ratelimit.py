@@ -116,6 +116,13 @@ class RateLimiter:
     async def aadmit_request(self, key_id: str, rpm: int, tpm: int) -> LimitState:
         return self.admit_request(key_id, rpm, tpm)
 
+    async def aadmit_and_fetch(
+        self, key_id: str, rpm: int, tpm: int, fetch: list[str]
+    ) -> tuple[LimitState, list[bytes | None]]:
+        """Admit one request; `fetch` names entries of a shared store read in the same round
+        trip (cluster mode's limiter has one; here there is none to read)."""
+        return self.admit_request(key_id, rpm, tpm), [None] * len(fetch)
+
     async def aadmit_tokens(self, key_id: str, rpm: int, tpm: int, tokens: int) -> LimitState:
         return self.admit_tokens(key_id, rpm, tpm, tokens)
 
