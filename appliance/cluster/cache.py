@@ -28,15 +28,6 @@ class RedisSharedCache:
         """The Redis keys of cache keys (for a read batched into another call)."""
         return [PREFIX + k for k in keys]
 
-    async def aget_many(self, keys: list[str]) -> dict[str, bytes]:
-        """As get_many, for the request path (the event loop goes on during the round trip)."""
-        try:
-            client = self.backend.aclient
-            values = await self.backend.acall(client.mget, [PREFIX + k for k in keys])
-        except ERRORS:
-            return {}
-        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
-
     def set_many(self, blobs: dict[str, bytes], ttl: float) -> None:
         pipe = self.backend.client.pipeline(transaction=False)
         for key, blob in blobs.items():

@@ -19,7 +19,7 @@ from typing import Any
 from appliance.cluster.database import Database
 from appliance.cluster.limits import RedisSpend
 from appliance.errors import BackendUnavailable
-from appliance.gateway.usage import Record, UsageLog
+from appliance.gateway.usage import Record, UsageLog, log_filter, log_rows, usage_rows
 
 log = logging.getLogger("appliance.usage")
 
@@ -196,16 +196,7 @@ class ClusterUsageLog(UsageLog):
         sql += " GROUP BY day, m ORDER BY day, m"
         with self.db.connection() as conn:
             rows = conn.execute(sql, args).fetchall()
-        return [
-            {
-                "date": d,
-                "model": m or None,
-                "requests": n,
-                "tokens": int(t or 0),
-                "cached_requests": int(c or 0),
-            }
-            for d, m, n, t, c in rows
-        ]
+        return usage_rows(rows)
 
     def logs(
         self,
@@ -218,35 +209,11 @@ class ClusterUsageLog(UsageLog):
         limit: int,
         offset: int,
     ) -> list[dict[str, Any]]:
-        clauses, args = [], []
-        for column, value in (("key_id", key_id), ("status", status), ("model", model)):
-            if value is not None:
-                clauses.append(f"{column} = %s")
-                args.append(value)
-        if since is not None:
-            clauses.append("ts >= %s")
-            args.append(since)
-        if until is not None:
-            clauses.append("ts < %s")
-            args.append(until)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, args = log_filter("%s", key_id, status, model, since, until)
         sql = (
             "SELECT ts, key_id, endpoint, model, status, latency_ms, tokens, cached, request_id "
             f"FROM requests {where} ORDER BY ts DESC, id DESC LIMIT %s OFFSET %s"
         )
         with self.db.connection() as conn:
             rows = conn.execute(sql, [*args, limit, offset]).fetchall()
-        return [
-            {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)),
-                "key_id": k,
-                "endpoint": e,
-                "model": m,
-                "status": s,
-                "latency_ms": round(lat, 2),
-                "tokens": t,
-                "cached": bool(c),
-                "request_id": rid,
-            }
-            for ts, k, e, m, s, lat, t, c, rid in rows
-        ]
+        return log_rows(rows)

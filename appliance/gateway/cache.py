@@ -72,8 +72,6 @@ class SharedCache(Protocol):
 
     def names(self, keys: list[str]) -> list[str]: ...
 
-    async def aget_many(self, keys: list[str]) -> dict[str, bytes]: ...
-
     def set_many(self, blobs: dict[str, bytes], ttl: float) -> None: ...
 
 
@@ -185,24 +183,6 @@ class ResponseCache:
             return {}
         self._keep_local(found)
         return self._hits(dict(found))
-
-    async def aget_many(self, keys: list[str]) -> dict[str, Hit]:
-        """As get_many on the event loop: the disk lookups are microseconds, the second level's
-        round trip (cluster mode) is awaited instead of holding the loop."""
-        if self._cache is None:
-            return {}
-        try:
-            values = self._local(keys)
-            if self.shared is not None:
-                missing = [k for k, v in values.items() if not isinstance(v, bytes)]
-                if missing:
-                    found = await self.shared.aget_many(missing)
-                    values.update(found)
-                    self._keep_local(found)
-        except Exception as exc:
-            log.warning("cache read failed (%s): treated as a miss", exc)
-            return {}
-        return self._hits(values)
 
     def _hits(self, values: dict[str, Any]) -> dict[str, Hit]:
         hits: dict[str, Hit] = {}

@@ -52,6 +52,63 @@ class Record:
     request_id: str | None
 
 
+def usage_rows(rows: list[Any]) -> list[dict[str, Any]]:
+    """(day, model, requests, tokens, cached) rows as /v1/usage answers them (both logs)."""
+    return [
+        {
+            "date": d,
+            "model": m or None,
+            "requests": n,
+            "tokens": int(t or 0),
+            "cached_requests": int(c or 0),
+        }
+        for d, m, n, t, c in rows
+    ]
+
+
+def log_filter(
+    mark: str,
+    key_id: str | None,
+    status: int | None,
+    model: str | None,
+    since: float | None,
+    until: float | None,
+) -> tuple[str, list[Any]]:
+    """The WHERE clause of a /v1/logs query and its arguments; `mark` is the driver's
+    placeholder (? for SQLite, %s for PostgreSQL)."""
+    clauses, args = [], []
+    for column, value in (("key_id", key_id), ("status", status), ("model", model)):
+        if value is not None:
+            clauses.append(f"{column} = {mark}")
+            args.append(value)
+    if since is not None:
+        clauses.append(f"ts >= {mark}")
+        args.append(since)
+    if until is not None:
+        clauses.append(f"ts < {mark}")
+        args.append(until)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
+
+
+def log_rows(rows: list[Any]) -> list[dict[str, Any]]:
+    """(ts, key_id, endpoint, model, status, latency, tokens, cached, request id) rows as
+    /v1/logs answers them."""
+    return [
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)),
+            "key_id": k,
+            "endpoint": e,
+            "model": m,
+            "status": s,
+            "latency_ms": round(lat, 2),
+            "tokens": t,
+            "cached": bool(c),
+            "request_id": rid,
+        }
+        for ts, k, e, m, s, lat, t, c, rid in rows
+    ]
+
+
 _STOP = object()
 
 
@@ -203,16 +260,7 @@ class UsageLog:
         sql += " GROUP BY day, model ORDER BY day, model"
         with self._reader() as conn:
             rows = conn.execute(sql, args).fetchall()
-        return [
-            {
-                "date": d,
-                "model": m or None,
-                "requests": n,
-                "tokens": t or 0,
-                "cached_requests": c or 0,
-            }
-            for d, m, n, t, c in rows
-        ]
+        return usage_rows(rows)
 
     def logs(
         self,
@@ -225,38 +273,14 @@ class UsageLog:
         limit: int,
         offset: int,
     ) -> list[dict[str, Any]]:
-        clauses, args = [], []
-        for column, value in (("key_id", key_id), ("status", status), ("model", model)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            clauses.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            clauses.append("ts < ?")
-            args.append(until)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, args = log_filter("?", key_id, status, model, since, until)
         sql = (
             "SELECT ts, key_id, endpoint, model, status, latency_ms, tokens, cached, request_id "
             f"FROM requests {where} ORDER BY id DESC LIMIT ? OFFSET ?"
         )
         with self._reader() as conn:
             rows = conn.execute(sql, [*args, limit, offset]).fetchall()
-        return [
-            {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)),
-                "key_id": k,
-                "endpoint": e,
-                "model": m,
-                "status": s,
-                "latency_ms": round(lat, 2),
-                "tokens": t,
-                "cached": bool(c),
-                "request_id": rid,
-            }
-            for ts, k, e, m, s, lat, t, c, rid in rows
-        ]
+        return log_rows(rows)
 
     def _reader(self) -> contextlib.closing[sqlite3.Connection]:
         return contextlib.closing(sqlite3.connect(self.path, timeout=5))
