@@ -159,12 +159,16 @@ def test_a_predict_key_sees_its_pages_and_gets_403_on_admin_ones(
     sign_in(client, secret)
     for path in PAGES:
         assert client.get(path).status_code == 200, path
-    for path in [*ADMIN_PAGES, "/console/jobs"]:
+    for path in ADMIN_PAGES:
         r = client.get(path)
         assert r.status_code == 403, path
         assert "scope" in r.text
     nav = client.get("/console").text
     assert 'href="/console/usage"' in nav and 'href="/console/keys"' not in nav
+    # Its own jobs are visible; making one needs the jobs scope, so there is no upload form.
+    jobs = client.get("/console/jobs")
+    assert jobs.status_code == 200 and 'href="/console/jobs"' in nav
+    assert 'id="job-upload"' not in jobs.text and "lacks the <code>jobs</code> scope" in jobs.text
 
 
 def test_the_signing_secret_is_private_and_kept(app: Callable[..., TestClient]) -> None:

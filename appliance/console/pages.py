@@ -248,7 +248,9 @@ def jobs_context(request: Request[Any, Any, Any], jobs: JobManager) -> dict[str,
     return {"jobs": [jobs.view(j) for j in jobs.list(current_key(request))], "now": time.time()}
 
 
-@get("/console/jobs", opt={"console": "jobs"})
+# Any key sees its own jobs; making, starting and cancelling them needs the jobs scope (the
+# actions check it, as the JSON API does), so the upload form shows only for such keys.
+@get("/console/jobs", opt=ANY)
 async def jobs_page(
     request: Request[Any, Any, Any], console: Console, jobs: JobManager, registry: Registry
 ) -> Response[str]:
@@ -261,7 +263,7 @@ async def jobs_page(
     )
 
 
-@get("/console/fragments/jobs", opt={"console": "jobs"})
+@get("/console/fragments/jobs", opt=ANY)
 async def jobs_fragment(
     request: Request[Any, Any, Any], console: Console, jobs: JobManager
 ) -> Response[str]:

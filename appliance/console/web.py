@@ -46,7 +46,7 @@ NAV = (
     ("/console/keys", "Keys", "admin"),
     ("/console/usage", "Usage", "any"),
     ("/console/logs", "Logs", "any"),
-    ("/console/jobs", "Jobs", "jobs"),
+    ("/console/jobs", "Jobs", "any"),
     ("/console/playground", "Playground", "predict"),
 )
 
