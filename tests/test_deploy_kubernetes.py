@@ -138,6 +138,8 @@ def test_appliance_pod_practices(rendered: dict[str, list[dict[str, Any]]], over
     mem = {k: int(v["memory"][:-2]) * mib[v["memory"][-2:]] for k, v in res.items()}
     assert mem["requests"] >= 305  # README: 305 MB peak RSS with the embedding model
     assert mem["limits"] >= 464  # README: 464 MB with SmolLM2 open too
+    cpu = {k: float(v["cpu"]) for k, v in c["resources"].items()}
+    assert cpu["limits"] >= 1.4 > cpu["requests"] >= 0.5  # measured: 1.4 cores at full load
 
     env = {e["name"]: e for e in c["env"]}
     key_file = env["APPLIANCE_AUTH__ADMIN_KEY_FILE"]["value"]
