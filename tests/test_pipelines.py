@@ -678,3 +678,38 @@ def test_a_run_is_logged_as_the_pipeline_with_every_steps_tokens(client: TestCli
     assert [(e["model"], e["tokens"], e["status"]) for e in runs] == [
         (f"pipeline:{CHAIN['name']}", run.json()["tokens"], 200)
     ]
+
+
+def test_a_pdf_then_summarisation_then_classification(serve, gen_and_cls: Path) -> None:  # type: ignore[no-untyped-def]
+    """The README's first example. No seq2seq model is installed, so the summarisation step is
+    answered by the instruct generator (the QA/summarisation fallback), as after `make serve`."""
+    client = serve(gen_and_cls)
+    key = new_key(client)
+    body = {
+        "name": "pdf-summary-triage",
+        "steps": [
+            {"name": "read", "endpoint": "/v1/extract", "input": {"file": "$.input.file"}},
+            {"name": "summary", "endpoint": "/v1/summarisation",
+             "input": {"text": "$.steps.read.text", "max_length": 8}},
+            {"name": "triage", "endpoint": "/v1/classify",
+             "input": {"text": "$.steps.summary.output", "labels": LABELS, "model": "tiny-cls"}},
+        ],
+    }  # fmt: skip
+    save(client, key, body)
+    pdf = b64(make_pdf([TEXT, "the invoice total is wrong"]))
+    r = client.post("/pipelines/pdf-summary-triage", json={"file": pdf}, headers=auth(key))
+    assert r.status_code == 200, r.text
+    run = r.json()
+    other = new_key(client)
+    read = client.post("/v1/extract", json={"file": pdf}, headers=auth(other)).json()
+    assert run["steps"]["read"] == read and "invoice total" in read["text"]
+    summary, sum_tokens = direct(
+        client, other, "/v1/summarisation", {"text": read["text"], "max_length": 8}
+    )
+    assert run["steps"]["summary"] == summary and sum_tokens > 0  # the generator ran
+    triage, cls_tokens = direct(
+        client, other, "/v1/classify",
+        {"text": summary["output"], "labels": LABELS, "model": "tiny-cls"},
+    )  # fmt: skip
+    assert without_timings(run["output"]) == without_timings(triage)
+    assert run["tokens"] == sum_tokens + cls_tokens  # reading a PDF costs no tokens
