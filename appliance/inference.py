@@ -206,28 +206,50 @@ class Inference:
             ]
         cacheable = [k for k in keys if k is not None]
         hits = {}
-        shared: list[str] = []  # first-level misses, to look up in the second level
+        shared: set[str] = set()  # first-level misses, to look up in the second level
         if cacheable and call.read_cache:
             if len(cacheable) <= INLINE_ITEMS:
                 hits = self.cache.get_local(cacheable)
-                shared = [k for k in dict.fromkeys(cacheable) if k not in hits]
+                shared = {k for k in cacheable if k not in hits}
             else:
                 hits = await asyncio.to_thread(self.cache.get_many, cacheable)
-        # The request limit, and (cluster mode) the shared cache level, in one round trip.
-        names = self.cache.shared_names(shared)
-        limits, blobs = await self.limiter.aadmit_and_fetch(key.id, rpm, tpm, names)
-        if names:
-            hits.update(self.cache.absorb(shared, blobs))
+        # What the disk cache did not answer is tokenised now, so that its exact cost is known
+        # for the one limit decision below (an answer the second level turns out to hold is
+        # then not charged, only tokenised).
+        runner = entry.runner
+        pending = [i for i in range(len(inputs)) if keys[i] is None or keys[i] not in hits]
+        prepared: dict[int, Any] = {}
+        if pending:
+            ready = await _prepare(runner, [inputs[i] for i in pending], truncate)
+            self.check_budget(runner, ready)
+            prepared = dict(zip(pending, ready, strict=True))
+        costs = {i: runner.cost(p) for i, p in prepared.items()}
+        looked = [i for i in pending if keys[i] in shared]
+        unlooked = sum(costs[i] for i in pending if keys[i] not in shared)
+        # The request limit, the second cache level (cluster mode) and the token charge: one
+        # decision, one round trip.
+        fetch = [keys[i] for i in looked]
+        limits, blobs, charged = await self.limiter.aadmit_charge(
+            key.id, rpm, tpm, unlooked, self.cache.shared_names(fetch), [costs[i] for i in looked]
+        )
+        if fetch and any(b is not None for b in blobs):
+            hits.update(self.cache.absorb(fetch, blobs))  # type: ignore[arg-type]
         results = {
             i: ItemResult(hits[k].output, tokens=0, truncated=hits[k].truncated)
             for i, k in enumerate(keys)
             if k is not None and k in hits
         }
-        misses = [i for i in range(len(inputs)) if i not in results]
+        misses = [i for i in pending if i not in results]
         tokens = 0
         if misses:
             computed, limits = await self._compute(
-                entry, [inputs[i] for i in misses], key, truncate, priority
+                entry,
+                [prepared[i] for i in misses],
+                [costs[i] for i in misses],
+                key,
+                charged,
+                limits,
+                priority,
             )
             results.update(zip(misses, computed, strict=True))
             tokens = sum(r.tokens for r in computed)
@@ -308,26 +330,23 @@ class Inference:
     async def _compute(
         self,
         entry: ModelEntry,
-        inputs: list[Any],
+        prepared: list[Any],
+        costs: list[int],
         key: ApiKey,
-        truncate: bool,
+        reserved: int,
+        limits: LimitState,
         priority: int = REALTIME,
     ) -> tuple[list[ItemResult], LimitState]:
-        """Tokenise, charge the exact token count (quota, then rate), run, settle. Returns the
-        results and the limits as charged (what the headers report: no second look-up, which
-        in cluster mode would be another Redis round trip)."""
+        """Run items already tokenised and charged to the token limit (`reserved`): the quota
+        first (402 gives the tokens back), then the model, then settle what was really used.
+        Returns the results and the limits as charged (what the headers report)."""
         runner, batcher = entry.runner, entry.batcher
         assert runner is not None and batcher is not None
         rpm, tpm = self._rates(key)
-        prepared = await _prepare(runner, inputs, truncate)
-        self.check_budget(runner, prepared)
-        costs = [runner.cost(p) for p in prepared]
-        reserved = sum(costs)
-        self.usage.reserve(key.id, key.token_quota, reserved)
         try:
-            limits = await self.limiter.aadmit_tokens(key.id, rpm, tpm, reserved)
+            self.usage.reserve(key.id, key.token_quota, reserved)
         except Exception:
-            self.usage.refund(key.id, reserved, key.token_quota)
+            self.limiter.settle_tokens(key.id, tpm, -reserved)
             raise
         try:
             raws = await batcher.submit(prepared, costs, priority=priority)

@@ -332,8 +332,9 @@ def test_bench_section_measures_cluster_against_a_single_box(models_dir: Path) -
     for points in result["runs"].values():
         assert len(points) == 2 and all(p["requests_per_s"] > 0 and not p["errors"] for p in points)
     cluster = result["runs"]["cluster"][0]
-    # The request limit and the token limit, one script each; a second-level cache look-up.
-    assert cluster["redis_commands_per_request"]["evalsha"] >= 1.9
-    assert cluster["redis_commands_per_request"]["mget"] >= 0.9
+    # One round trip before the model: the request limit, the second cache level's look-up
+    # (its MGET runs inside the script) and the token charge are one script.
+    calls = cluster["redis_commands_per_request"]
+    assert 0.9 <= calls["evalsha"] <= 1.1 and 0.9 <= calls["mget"] <= 1.1
     assert 0.9 <= cluster["postgres_rows_per_request"] <= 1.1  # one usage record each
     assert result["cluster_vs_single"] > 0 and result["limit_script_round_trip_us"] > 0

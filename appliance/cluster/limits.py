@@ -18,9 +18,12 @@ from appliance.cluster.redis_client import ERRORS, RedisBackend
 from appliance.errors import BackendUnavailable, InsufficientBalance
 from appliance.gateway.ratelimit import LimitState, refuse
 
-# KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm, requests to take, tokens to take,
-# force (1: settle, take without checking). Returns {refused (0 none, 1 requests,
-# 2 tokens, 3 tokens over the limit), requests level, tokens level, wait seconds}.
+# KEYS: requests bucket, tokens bucket, then (optional) response-cache entries. ARGV: rpm,
+# tpm, requests to take, tokens to take, force (1: settle, take without checking), then one
+# token cost per cache entry: charged only for the entries Redis does not hold (the answers it
+# holds cost nothing). Returns {refused (0 none, 1 requests, 2 tokens, 3 tokens over the
+# limit), requests level, tokens level, wait seconds, tokens charged, cache values...}: the
+# request limit, the second cache level and the token charge in one round trip.
 BUCKETS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -35,13 +38,18 @@ end
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local take_r, take_t, force = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local r, tk = level(KEYS[1], rpm), level(KEYS[2], tpm)
+if force == 0 and take_r > 0 and r < take_r then
+  return {1, tostring(r), tostring(tk), tostring((take_r - r) / (rpm / 60)), '0'}
+end
+local values = {}
+if #KEYS > 2 then values = redis.call('MGET', unpack(KEYS, 3, #KEYS)) end
+for i = 1, #values do
+  if not values[i] then take_t = take_t + tonumber(ARGV[5 + i]) end
+end
 if force == 0 then
-  if take_r > 0 and r < take_r then
-    return {1, tostring(r), tostring(tk), tostring((take_r - r) / (rpm / 60))}
-  end
-  if take_t > tpm then return {3, tostring(r), tostring(tk), '0'} end
+  if take_t > tpm then return {3, tostring(r), tostring(tk), '0', tostring(take_t)} end
   if take_t > 0 and tk < take_t then
-    return {2, tostring(r), tostring(tk), tostring((take_t - tk) / (tpm / 60))}
+    return {2, tostring(r), tostring(tk), tostring((take_t - tk) / (tpm / 60)), tostring(take_t)}
   end
 end
 r = r - take_r
@@ -55,12 +63,8 @@ if take_t ~= 0 then
   redis.call('HSET', KEYS[2], 'l', tostring(tk), 'u', tostring(now))
   redis.call('EXPIRE', KEYS[2], 120)
 end
-local out = {0, tostring(r), tostring(tk), '0'}
--- Admitted: the cache entries named after the two buckets come back in the same round trip.
-if #KEYS > 2 then
-  local values = redis.call('MGET', unpack(KEYS, 3, #KEYS))
-  for i = 1, #values do out[4 + i] = values[i] end
-end
+local out = {0, tostring(r), tostring(tk), '0', tostring(take_t)}
+for i = 1, #values do out[5 + i] = values[i] end
 return out
 """
 
@@ -93,13 +97,16 @@ class RedisLimiter:
         tpm: int,
         req: int,
         tok: int,
-        fetch: list[str] = (),  # type: ignore[assignment]
+        fetch: list[str] | None = None,
+        costs: list[int] | None = None,
     ) -> Any:
         if self._ascript is None:
             self._ascript = self.backend.aclient.register_script(BUCKETS)
         try:
             return await self.backend.acall(
-                self._ascript, keys=[*self._keys(key_id), *fetch], args=[rpm, tpm, req, tok, 0]
+                self._ascript,
+                keys=[*self._keys(key_id), *(fetch or ())],
+                args=[rpm, tpm, req, tok, 0, *(costs or ())],
             )
         except ERRORS:
             return self._down()
@@ -145,15 +152,25 @@ class RedisLimiter:
     async def aadmit_request(self, key_id: str, rpm: int, tpm: int) -> LimitState:
         return await self._adecide(key_id, rpm, tpm, 1, 0)
 
-    async def aadmit_and_fetch(
-        self, key_id: str, rpm: int, tpm: int, fetch: list[str]
-    ) -> tuple[LimitState, list[bytes | None]]:
-        """Admit one request and read the Redis keys `fetch` (the response cache's second
-        level) in the same round trip: the request path's one call before the model."""
-        out = await self._arun(key_id, rpm, tpm, 1, 0, fetch)
-        state = self._judge(out, rpm, tpm, 0)
-        values = list(out[4:]) if out is not None else []
-        return state, values + [None] * (len(fetch) - len(values))
+    async def aadmit_charge(
+        self,
+        key_id: str,
+        rpm: int,
+        tpm: int,
+        tokens: int,
+        fetch: list[str],
+        costs: list[int],
+    ) -> tuple[LimitState, list[bytes | None], int]:
+        """One request, `tokens`, and the cost of each entry of `fetch` (the response cache's
+        second level) that Redis does not hold, charged atomically in one round trip. Returns
+        the limits, the entries' values (None: not held) and the tokens charged."""
+        out = await self._arun(key_id, rpm, tpm, 1, tokens, fetch, costs)
+        if out is None:  # fail open: admitted, nothing read, every token counted
+            return self._judge(out, rpm, tpm, 0), [None] * len(fetch), tokens + sum(costs)
+        charged = int(float(out[4]))
+        state = self._judge(out, rpm, tpm, charged)
+        values = list(out[5:])
+        return state, values + [None] * (len(fetch) - len(values)), charged
 
     async def aadmit_tokens(self, key_id: str, rpm: int, tpm: int, tokens: int) -> LimitState:
         return await self._adecide(key_id, rpm, tpm, 0, max(tokens, 0))

@@ -116,12 +116,23 @@ class RateLimiter:
     async def aadmit_request(self, key_id: str, rpm: int, tpm: int) -> LimitState:
         return self.admit_request(key_id, rpm, tpm)
 
-    async def aadmit_and_fetch(
-        self, key_id: str, rpm: int, tpm: int, fetch: list[str]
-    ) -> tuple[LimitState, list[bytes | None]]:
-        """Admit one request; `fetch` names entries of a shared store read in the same round
-        trip (cluster mode's limiter has one; here there is none to read)."""
-        return self.admit_request(key_id, rpm, tpm), [None] * len(fetch)
+    async def aadmit_charge(
+        self,
+        key_id: str,
+        rpm: int,
+        tpm: int,
+        tokens: int,
+        fetch: list[str],
+        costs: list[int],
+    ) -> tuple[LimitState, list[bytes | None], int]:
+        """Admit one request and charge `tokens` plus the `costs` of the `fetch` entries a
+        shared cache level does not hold (cluster mode's limiter reads them in the same
+        round trip; here there is no such level, so every cost is charged)."""
+        state = self.admit_request(key_id, rpm, tpm)
+        charged = tokens + sum(costs)
+        if charged > 0:
+            state = self.admit_tokens(key_id, rpm, tpm, charged)
+        return state, [None] * len(fetch), charged
 
     async def aadmit_tokens(self, key_id: str, rpm: int, tpm: int, tokens: int) -> LimitState:
         return self.admit_tokens(key_id, rpm, tpm, tokens)
