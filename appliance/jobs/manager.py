@@ -122,6 +122,21 @@ class JobManager:
         if self.leases is not None:
             await asyncio.to_thread(self._refresh_now)
 
+    def _refresh_one(self, job_id: str) -> None:
+        """As _refresh_now for one job: a status poll reads one state file, not every job's."""
+        if self.leases is None:
+            return
+        job = self.jobs.get(job_id)
+        if job is not None and job.task is not None:
+            return  # run here: the state in memory is the newest
+        state = self.store.load(job_id)
+        if state is None:
+            self.jobs.pop(job_id, None)
+        elif job is None:
+            self.jobs[job_id] = Job(state)
+        else:
+            job.state = state
+
     def _refresh_now(self) -> None:
         """Re-read the shared folder: jobs created, progressed or deleted by other replicas.
         Jobs this replica runs keep their state in memory (it is the newest)."""
@@ -415,7 +430,7 @@ class JobManager:
 
     def get(self, job_id: str, key: ApiKey) -> Job:
         """The job, if `key` may see it: its own, or any for an admin key; else 404."""
-        self._refresh_now()  # cluster mode: one small read per job folder
+        self._refresh_one(job_id)  # cluster mode: this job's state as the folder has it
         job = self.jobs.get(job_id)
         if job is None or (job.state.key_id != key.id and not key.allows_scope("admin")):
             raise NotFound(f"No batch job '{job_id}'.", details={"id": job_id})
