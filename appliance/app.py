@@ -18,6 +18,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.di import Provide
 
+from appliance.access_log import AccessLog
 from appliance.api import (
     account,
     classify,
@@ -36,8 +37,7 @@ from appliance.api import (
     tei,
     vision,
 )
-from appliance.api.recorder import request_recorder
-from appliance.api.request_id import request_id_middleware
+from appliance.api.recorder import Observer, request_middleware
 from appliance.backends import Backends, open_backends
 from appliance.config import Settings
 from appliance.console import console_router
@@ -128,6 +128,7 @@ def create_app(
         enabled=settings.cache.enabled,
         scope=settings.cache.scope,
         shared=backends.shared_cache,
+        memory_bytes=settings.cache.memory_mb * 1024 * 1024,
     )
     builds = Builds(settings, registry, backends.leases, backends.grants)
     inference = Inference(
@@ -138,6 +139,8 @@ def create_app(
         settings.limits,
         Fallbacks(settings.fallbacks),
     )
+    access = AccessLog(settings.server.log_format)
+    observer = Observer(usage, metrics, access)
     job_manager = JobManager(
         settings,
         inference,
@@ -167,6 +170,7 @@ def create_app(
             await asyncio.to_thread(usage.stop)
             await asyncio.to_thread(cache.close)  # waits for queued cache writes
             await asyncio.to_thread(backends.stop)
+            access.flush()
 
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
@@ -211,6 +215,7 @@ def create_app(
             "pipelines": provide(backends.pipelines),
             "jobs": provide(job_manager),
             "metrics": provide(metrics),
+            "observer": provide(observer),
             "lifecycle": provide(lifecycle),
             "backends": provide(backends),
             "work": tasks.work_provider(inference, settings, classifiers),
@@ -222,7 +227,7 @@ def create_app(
             Exception: exception_handler,
         },
         before_request=auth_hook(keys),
-        middleware=[request_id_middleware, request_recorder(usage, metrics)],
+        middleware=[request_middleware(observer)],
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=docs.openapi_config(),
         lifespan=[lifespan],

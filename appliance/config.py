@@ -111,6 +111,9 @@ class CacheConfig(_Section):
     """Least recently stored entries are evicted beyond this."""
     ttl_seconds: Positive = 7 * 86400
     """An entry older than this is a miss."""
+    memory_mb: NonNegative = 16
+    """The entries used last are also kept in memory, up to this many MB per process (a
+    repeat skips the disk lookup); 0: off."""
     scope: Literal["key", "shared"] = "key"
     """"key": each API key has its own entries (the key id is part of the cache key), so one
     key cannot learn from X-Cache: HIT what another key sent. "shared": one entry serves

@@ -11,6 +11,7 @@ import uvicorn
 
 from appliance.app import create_app
 from appliance.config import Settings
+from appliance.http_protocol import CorkedHttpToolsProtocol
 from appliance.lifecycle import Lifecycle
 from appliance.runtime.memory import limit_malloc_arenas
 
@@ -50,5 +51,6 @@ def run(settings: Settings) -> None:
         # No proxy in front by default, and the app logs no client address: skip uvicorn's
         # X-Forwarded-* rewriting middleware on every request.
         proxy_headers=False,
+        http=CorkedHttpToolsProtocol,
     )
     _Server(config, lifecycle).run()

@@ -60,6 +60,7 @@ local words = {{{word_table}}}
 local nwords = #words
 local lo, hi, per = {shape.min_words}, {shape.max_words}, {shape.per_request}
 local prefix, suffix, as_list = {_lua_string(prefix)}, {_lua_string(suffix)}, {str(as_list).lower()}
+local fixed = {_lua_string(json.dumps(shape.fixed)) if shape.fixed else "nil"}
 local counter = 0
 
 function setup(thread)
@@ -80,7 +81,9 @@ end
 
 request = function()
   local body
-  if as_list then
+  if fixed then
+    body = prefix .. fixed .. suffix
+  elseif as_list then
     local ts = {{}}
     for i = 1, per do ts[i] = text() end
     body = prefix .. "[" .. table.concat(ts, ",") .. "]" .. suffix
@@ -206,7 +209,7 @@ def run_load(
 
 def _body(target: dict[str, Any], shape: dict[str, Any], words: list[str], rng: random.Random):
     texts = [
-        make_text(rng, words, shape["min_words"], shape["max_words"])
+        shape.get("fixed") or make_text(rng, words, shape["min_words"], shape["max_words"])
         for _ in range(shape["per_request"])
     ]
     if target["body"] == "input":

@@ -330,6 +330,55 @@ def cache_latency(system: HttpSystem, words: list[str], n: int = 40) -> dict[str
     }
 
 
+def request_path(
+    system: HttpSystem,
+    words: list[str],
+    opts: Options,
+    tool: str,
+    wrk_path: str | None,
+    monitor: Monitor,
+    concurrency: int = 8,
+) -> dict[str, Any]:
+    """The request path alone: one short text sent over and over at c=8, so that after the
+    first every answer is a cache hit (no model), with auth, limits, cache headers, usage
+    records and the access log all on. CPU per request is the server's CPU time over the
+    run divided by the answers (all threads, so the usage and cache writers count too)."""
+    shape = Shape("cache-hits", "short", 1, 1, 1, fixed="the request path alone, a cached text")
+    run_load(tool, system.target, shape, words, concurrency=2, duration=1, wrk_path=wrk_path)
+    cpu0, t0 = monitor.cpu_seconds(), time.perf_counter()
+    res = run_load(
+        tool,
+        system.target,
+        shape,
+        words,
+        concurrency=concurrency,
+        duration=opts.point_seconds,
+        wrk_path=wrk_path,
+    )
+    wall = time.perf_counter() - t0
+    cpu = monitor.cpu_seconds() - cpu0
+    ok = res["requests"] - res["errors_status"]
+    secs = res["duration_s"] or opts.point_seconds
+    point = {
+        "concurrency": concurrency,
+        "requests": res["requests"],
+        "errors": res["errors_status"] + res["timeouts"] + res["errors_connect"],
+        "requests_per_s": round(ok / secs, 1),
+        "server_cpu_us_per_request": round(cpu / ok * 1e6, 1) if ok else None,
+        "p50_ms": round(res["p50_ms"], 2),
+        "p99_ms": round(res["p99_ms"], 2),
+        "server_cpu_pct": round(cpu / wall * 100, 1),
+        "loadgen_cpu_pct": round(res["loadgen_cpu_s"] / wall * 100, 1),
+    }
+    opts.log(
+        f"  {system.name:9} cache hits    c={concurrency:<3} {point['requests_per_s']:8.1f} req/s "
+        f"{point['server_cpu_us_per_request']} us of server CPU per request, "
+        f"p50 {point['p50_ms']} ms, p99 {point['p99_ms']} ms"
+    )
+    monitor.wait_idle()
+    return point
+
+
 def drive(
     system: HttpSystem,
     shapes: list[Shape],
@@ -637,6 +686,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
             entry["idle_rss_mb"] = round(monitor.rss() / 1e6, 1)
             if name == "appliance":
                 entry["cache"] = cache_latency(system, words)
+                entry["request_path"] = request_path(system, words, opts, tool, wrk_path, monitor)
             points = drive(system, shapes, words, opts, tool, wrk_path, monitor)
             result["points"].extend(points)
             entry["peak_rss_mb"] = max((p.get("peak_rss_mb", 0) for p in points), default=0)

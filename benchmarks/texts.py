@@ -54,6 +54,8 @@ class Shape:
     max_words: int
     per_request: int
     tokens_per_text: float = 0.0
+    fixed: str = ""
+    """Set: every request sends this one text (after the first, cache hits)."""
 
     @property
     def batch(self) -> bool:

@@ -77,7 +77,12 @@ def test_bench_harness_writes_sane_results(embed_only: Path, tmp_path: Path) -> 
     engine = saved["systems"]["engine"]
     assert all(p["texts_per_s"] > 0 for p in engine["points"])
     assert {t["status"] for t in saved["targets"]} <= {"met", "not met", "not measured"}
-    assert len(saved["targets"]) == 8  # seven single-box targets and cluster mode
+    assert len(saved["targets"]) == 9  # eight single-box targets and cluster mode
+    # The request path: every answer after the first a cache hit, its CPU cost measured.
+    path = appliance["request_path"]
+    assert path["requests"] > 0 and path["errors"] == 0, path
+    assert path["requests_per_s"] > 0 and path["server_cpu_us_per_request"] > 0
+    assert "Request path: one cached text" in (out / "result.md").read_text()
     md = (out / "result.md").read_text()
     assert "appliance bench --test" in md and "| short-single | 4 | appliance |" in md
     assert "## Targets" in md and "## Raw engine ceiling" in md

@@ -13,8 +13,9 @@ import pytest
 from appliance.gateway.cache import ResponseCache
 
 
-def make(path: Path) -> ResponseCache:
-    return ResponseCache(path, size_limit_bytes=10**8, ttl_seconds=3600)
+def make(path: Path, memory_bytes: int = 0) -> ResponseCache:
+    """Without the memory level unless asked: these tests look at the disk level."""
+    return ResponseCache(path, size_limit_bytes=10**8, ttl_seconds=3600, memory_bytes=memory_bytes)
 
 
 def test_a_queued_answer_is_readable_before_its_write_and_lands_on_disk(
@@ -77,4 +78,46 @@ def test_a_failing_disk_loses_only_cache_entries(
         cache.flush()
     assert "cache write failed" in caplog.text
     assert cache.get_many(["a"]) == {}  # dropped from the queue, not kept in memory forever
+    cache.close()
+
+
+def test_the_memory_level_answers_repeats_without_the_disk_and_stays_in_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make(tmp_path / "c", memory_bytes=4096)
+    cache.set_many({f"k{i}": ({"v": "x" * 100}, False) for i in range(200)})
+    cache.flush()
+    assert cache._memory is not None and cache._memory.size <= 4096
+    # The last ones written are in memory: read with the disk unreadable.
+    reads = []
+    real_get = diskcache.Cache.get
+
+    def counted(self: diskcache.Cache, key: str, *args: object, **kwargs: object) -> object:
+        reads.append(key)
+        return real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Cache, "get", counted)
+    assert cache.get_local(["k199"])["k199"].output == {"v": "x" * 100}
+    assert reads == []
+    # An old one comes from disk, and is then remembered.
+    assert cache.get_local(["k0"])["k0"].output == {"v": "x" * 100}
+    assert reads == ["k0"]
+    cache.get_local(["k0"])
+    assert reads == ["k0"]
+    cache.close()
+
+
+def test_an_expired_entry_in_memory_is_a_miss(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "c", size_limit_bytes=10**8, ttl_seconds=1)
+    cache.set_many({"a": ({"v": 1}, False)})
+    assert cache.get_local(["a"])["a"].output == {"v": 1}
+    entry = cache._memory.get("a")  # type: ignore[union-attr]
+    assert entry is not None
+    import msgspec
+
+    from appliance.gateway.cache import _Entry
+
+    old = msgspec.msgpack.encode(_Entry({"v": 1}, False, 0.0))  # written at the epoch
+    cache._memory.put("a", old)  # type: ignore[union-attr]
+    assert cache.get_local(["a"]) == {}
     cache.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Response, post
 from litestar.di import Provide
 
 from appliance.api.responses import call_for, inference_response
@@ -60,7 +60,7 @@ def work_provider(
     dependencies of a handler in an anyio task group, which cost more per request than the
     rest of the handler (measured with py-spy under `appliance bench` load)."""
 
-    def work(request: Request[Any, Any, Any]) -> Work:
+    def work(request: Any) -> Work:
         return Work(call_for(request), inference, settings, classifiers)
 
     return Provide(work, sync_to_thread=False)

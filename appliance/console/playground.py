@@ -15,17 +15,15 @@ from litestar.response import ServerSentEvent
 
 from appliance.api import generation
 from appliance.api.models import TASK_ENDPOINTS
-from appliance.api.recorder import observe
+from appliance.api.recorder import Observer
 from appliance.api.tasks import Work
 from appliance.classifiers import ClassifierStore
 from appliance.config import Settings
 from appliance.console.web import Console
 from appliance.errors import ApplianceError, ValidationFailed, error_body, request_id_of
 from appliance.gateway.auth import current_key
-from appliance.gateway.usage import UsageLog
 from appliance.inference import Call, Inference
 from appliance.jobs.endpoints import JOB_ENDPOINTS
-from appliance.metrics import Metrics
 
 TEXT = "The appliance answers on premises, with no network."
 SAMPLES: dict[str, dict[str, Any]] = {
@@ -94,8 +92,7 @@ async def run(
     inference: Inference,
     settings: Settings,
     classifiers: ClassifierStore,
-    usage: UsageLog,
-    metrics: Metrics,
+    observer: Observer,
 ) -> Response[str]:
     path, body = await _body(request)
     command = curl(request, path, body)
@@ -124,7 +121,7 @@ async def run(
             exc.code, exc.message, details=exc.details, request_id=request_id_of(request)
         )
     # A playground run is API use: recorded like one (console pages themselves are not).
-    observe(request.scope, status, time.perf_counter() - start, usage, metrics)
+    observer(request.scope, status, time.perf_counter() - start)
     text = json.dumps(answer["response"] if answer else error, indent=2, ensure_ascii=False)
     return console.page(
         request,

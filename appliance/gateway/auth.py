@@ -18,17 +18,33 @@ from appliance.errors import Forbidden, Unauthorized
 from appliance.gateway.keys import ApiKey, KeyStore
 
 
+def request_header(scope: Any, name: bytes, default: str = "") -> str:
+    """The first value of header `name` (lower case, as ASGI gives names), read from the raw
+    pairs: litestar's `headers` view decodes every header of the request to build itself."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return default
+
+
 def presented_secret(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     """A request is judged by the credential it presents first: `Authorization` when it has
     one (anything but a non-empty Bearer value fails), else `x-api-key`. A bad Authorization
     beside a good x-api-key is a 401, not a silent fall-back."""
-    header = connection.headers.get("authorization")
-    if header is not None:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+    authorization = None
+    api_key = None
+    for key, value in connection.scope["headers"]:
+        if key == b"authorization":
+            authorization = value.decode("latin-1")
+            break
+        if key == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1")
+    if authorization is not None:
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() == "bearer" and secret.strip():
+            return secret.strip()
         return ""  # not a Bearer credential: matches no key, 401
-    return connection.headers.get("x-api-key") or None
+    return api_key or None
 
 
 def authorize(keys: KeyStore, connection: ASGIConnection[Any, Any, Any, Any], scope: str) -> ApiKey:

@@ -118,6 +118,7 @@ def check_update(fields: dict[str, object]) -> None:
 class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._path = str(path)
         self._mtime: int | None = None
         self._by_hash: dict[str, ApiKey] = {}
         self._keys: list[ApiKey] = []
@@ -153,7 +154,7 @@ class KeyStore:
     def refresh(self) -> None:
         """Re-read the file if it changed since the last read (cheap: one stat)."""
         try:
-            mtime = self.path.stat().st_mtime_ns
+            mtime = os.stat(self._path).st_mtime_ns  # os.stat on a str: no pathlib per request
         except FileNotFoundError:
             mtime = None
         if mtime == self._mtime and self._mtime is not None:

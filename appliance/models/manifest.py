@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import sys
@@ -43,7 +44,7 @@ class Validation(msgspec.Struct, kw_only=True):
     passed: bool
 
 
-class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, dict=True):
     slug: str
     code: str
     name: str
@@ -79,9 +80,10 @@ class Manifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
         # Roles may share a file (a seq2seq "model" is its "encoder"): count each file once.
         return sum({f.path: f.size for f in self.files.values()}.values())
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Changes whenever any model file changes (used to key caches)."""
+        """Changes whenever any model file changes (used to key caches; worked out once per
+        loaded manifest, as every request's cache key needs it)."""
         joined = "".join(f"{role}:{f.sha256}" for role, f in sorted(self.files.items()))
         return hashlib.sha256(joined.encode()).hexdigest()
 
