@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar
+from litestar.datastructures import State
 from litestar.di import Provide
 
 from appliance.access_log import AccessLog
@@ -218,7 +219,6 @@ def create_app(
             "observer": provide(observer),
             "lifecycle": provide(lifecycle),
             "backends": provide(backends),
-            "work": tasks.work_provider(inference, settings, classifiers),
         },
         # 404 and 405 are raised by the router before any handler: they need their own keys.
         exception_handlers={
@@ -226,6 +226,7 @@ def create_app(
             405: exception_handler,
             Exception: exception_handler,
         },
+        state=State({"services": tasks.Services(inference, settings, classifiers)}),
         before_request=auth_hook(keys),
         middleware=[request_middleware(observer)],
         request_max_body_size=settings.server.max_body_bytes,

@@ -16,7 +16,7 @@ from litestar import Request, Response, delete, get, post
 
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Fraction, NonEmpty, Texts, check_one, exactly_one
-from appliance.api.tasks import LABELS, Endpoint, Work, as_batch
+from appliance.api.tasks import LABELS, Endpoint, Work, as_batch, work_of
 from appliance.classifiers import Classifier, ClassifierStore
 from appliance.errors import ValidationFailed
 from appliance.gateway.auth import current_key
@@ -126,9 +126,10 @@ def _stats(outcome: Outcome, start: float) -> dict[str, Any]:
 @post("/v1/classify", opt={"scope": "predict"}, tags=["classify"], status_code=200)
 async def classify(
     data: ClassifyBody,
-    work: Work,
+    request: Request[Any, Any, Any],
 ) -> Response[dict[str, Any]]:
     """Single-label classification: {label, confidence, scores, tokens, latency_ms, cached}."""
+    work = work_of(request)
     return inference_response(*await classify_one(data, work))
 
 
@@ -153,9 +154,10 @@ async def _one(data: ClassifyBody, work: Work, *, multi: bool) -> tuple[dict[str
 @post("/v1/tag", opt={"scope": "predict"}, tags=["classify"], status_code=200)
 async def tag(
     data: ClassifyBody,
-    work: Work,
+    request: Request[Any, Any, Any],
 ) -> Response[dict[str, Any]]:
     """Multi-label tagging: {labels, scores, tokens, latency_ms, cached}."""
+    work = work_of(request)
     return inference_response(*await tag_one(data, work))
 
 
@@ -167,9 +169,10 @@ async def tag_one(data: ClassifyBody, work: Work) -> tuple[dict[str, Any], Outco
 @post("/v1/classify/batch", opt={"scope": "predict"}, tags=["classify"], status_code=200)
 async def classify_batch(
     data: BatchBody,
-    work: Work,
+    request: Request[Any, Any, Any],
 ) -> Response[dict[str, Any]]:
     """Up to 1000 texts: {results: [{label, confidence, scores}], tokens, latency_ms}."""
+    work = work_of(request)
     return inference_response(*await classify_many(data, work))
 
 
@@ -191,9 +194,10 @@ async def _many(data: BatchBody, work: Work, *, multi: bool) -> tuple[dict[str, 
 @post("/v1/tag/batch", opt={"scope": "predict"}, tags=["classify"], status_code=200)
 async def tag_batch(
     data: BatchBody,
-    work: Work,
+    request: Request[Any, Any, Any],
 ) -> Response[dict[str, Any]]:
     """Up to 1000 texts: {results: [{labels, scores}], tokens, latency_ms}."""
+    work = work_of(request)
     return inference_response(*await tag_many(data, work))
 
 

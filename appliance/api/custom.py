@@ -9,7 +9,7 @@ from litestar import Request, Response, post
 
 from appliance.api.responses import inference_response
 from appliance.api.schemas import NonEmpty
-from appliance.api.tasks import Work
+from appliance.api.tasks import work_of
 
 
 class CustomBody(msgspec.Struct):
@@ -20,11 +20,10 @@ class CustomBody(msgspec.Struct):
 
 
 @post(["/v1/custom", "/custom"], opt={"scope": "predict"}, tags=["tasks"], status_code=200)
-async def custom(
-    data: CustomBody, request: Request[Any, Any, Any], work: Work
-) -> Response[dict[str, Any]]:
+async def custom(data: CustomBody, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """{"model": slug, <input name>: value, ...} -> {"output": ...}: each field named like one
     of the model's inputs (GET /v1/models/{slug} shows them) becomes that input."""
+    work = work_of(request)
     model = data.model
     # The struct states and checks `model`; the inputs are the body's other fields, whatever
     # the model names them (the body is parsed once: litestar keeps it).

@@ -3,11 +3,13 @@ feed a PDF or DOCX to endpoints that take text, e.g. PDF -> summarisation -> cla
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
-from litestar import post
+from litestar import Request, post
 
 from appliance.api.schemas import NonEmpty
-from appliance.api.tasks import Endpoint, Work
+from appliance.api.tasks import Endpoint, Work, work_of
 from appliance.runtime.documents import documents
 
 
@@ -22,9 +24,10 @@ class ExtractResponse(msgspec.Struct):
 
 
 @post("/v1/extract", opt={"scope": "predict"}, tags=["documents"], status_code=200)
-async def extract(data: ExtractBody, work: Work) -> ExtractResponse:
+async def extract(data: ExtractBody, request: Request[Any, Any, Any]) -> ExtractResponse:
     """The text of a base64 PDF or DOCX, read as /v1/classify reads its `file` (no model runs,
     no tokens are charged)."""
+    work = work_of(request)
     return (await extract_text(data, work))[0]
 
 

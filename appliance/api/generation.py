@@ -20,7 +20,7 @@ from litestar.response.sse import ServerSentEventMessage
 
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Texts
-from appliance.api.tasks import Endpoint, Work, as_batch
+from appliance.api.tasks import Endpoint, Work, as_batch, work_of
 from appliance.errors import ApplianceError, ValidationFailed, error_body, request_id_of
 from appliance.inference import Outcome
 
@@ -86,9 +86,10 @@ class TextGenerationResponse(msgspec.Struct):
     status_code=200,
 )
 async def text_generation(
-    data: TextGenerationBody, request: Request[Any, Any, Any], work: Work
+    data: TextGenerationBody, request: Request[Any, Any, Any]
 ) -> Response[Any]:
     """Continue a text (or a list of texts) with a text-generation model."""
+    work = work_of(request)
     if not data.stream:
         return inference_response(*await generate_texts(data, work))
     texts, batch = as_batch(data.text, "text", work.settings.server.max_batch_items)

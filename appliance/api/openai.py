@@ -7,11 +7,11 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
-from litestar import Response, post
+from litestar import Request, Response, post
 
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Texts
-from appliance.api.tasks import VECTORISE, Endpoint, Work, as_batch
+from appliance.api.tasks import VECTORISE, Endpoint, Work, as_batch, work_of
 from appliance.errors import ValidationFailed
 from appliance.inference import Outcome
 
@@ -51,8 +51,11 @@ def _encode(vector: list[float], dimensions: int | None, fmt: str) -> list[float
 
 
 @post("/v1/embeddings", opt={"scope": "predict"}, tags=["openai"], status_code=200)
-async def embeddings(data: EmbeddingsBody, work: Work) -> Response[dict[str, Any]]:
+async def embeddings(
+    data: EmbeddingsBody, request: Request[Any, Any, Any]
+) -> Response[dict[str, Any]]:
     """{object: "list", data: [{object: "embedding", embedding, index}], model, usage}."""
+    work = work_of(request)
     return inference_response(*await embed(data, work))
 
 

@@ -10,7 +10,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.params import Parameter
 
-from appliance.api.tasks import Work
+from appliance.api.tasks import work_of
 from appliance.classifiers import NAME
 from appliance.gateway.auth import current_key
 from appliance.pipelines import (
@@ -138,11 +138,12 @@ async def delete_pipeline(
     status_code=200,
 )
 async def run(
-    name: str, data: dict[str, Any], pipelines: PipelineStore, work: Work
+    name: str, data: dict[str, Any], pipelines: PipelineStore, request: Request[Any, Any, Any]
 ) -> Response[PipelineRunResponse]:
     """Run a pipeline with the body as its input ($.input): {output (the last step's
     response), steps: {STEP: response}, tokens, latency_ms}. A failing step answers with its
     own error, status and all, plus `details.step`."""
+    work = work_of(request)
     pipeline = pipelines.get(name, work.call.key)
     return run_response(await run_pipeline(pipeline, data, work))
 
@@ -160,7 +161,6 @@ async def run_from_query(
     request: Request[Any, Any, Any],
     name: str,
     pipelines: PipelineStore,
-    work: Work,
     text: str | None = Parameter(
         default=None,
         description="An input field; every query parameter is one (`?text=...&labels=a`).",
@@ -168,6 +168,7 @@ async def run_from_query(
 ) -> Response[PipelineRunResponse | PipelineView]:
     """With query parameters: run the pipeline with them as its input (as POST
     /pipelines/{name} with that object as the body). Without any: the pipeline's details."""
+    work = work_of(request)
     pipeline = pipelines.get(name, work.call.key)
     given = query_input(request)
     if not given:

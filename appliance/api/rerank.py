@@ -14,11 +14,11 @@ from typing import Annotated, Any
 
 import msgspec
 import numpy as np
-from litestar import Response, post
+from litestar import Request, Response, post
 
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Text
-from appliance.api.tasks import Endpoint, Work
+from appliance.api.tasks import Endpoint, Work, work_of
 from appliance.api.tei import default_model
 from appliance.inference import Outcome
 
@@ -136,14 +136,16 @@ async def cohere_rerank(data: RerankBody, work: Work) -> tuple[RerankResponse, O
 
 
 @post("/rerank", opt={"scope": "predict"}, tags=["rerank"], status_code=200)
-async def rerank_tei(data: TEIRerankBody, work: Work) -> Response[list[Rank]]:
+async def rerank_tei(data: TEIRerankBody, request: Request[Any, Any, Any]) -> Response[list[Rank]]:
     """TEI's rerank: the texts' indexes and scores, highest first."""
+    work = work_of(request)
     return inference_response(*await tei_rerank(data, work))
 
 
 @post("/v1/rerank", opt={"scope": "predict"}, tags=["rerank"], status_code=200)
-async def rerank_v1(data: RerankBody, work: Work) -> Response[RerankResponse]:
+async def rerank_v1(data: RerankBody, request: Request[Any, Any, Any]) -> Response[RerankResponse]:
     """Cohere's and Jina's rerank: results highest first, `top_n` of them, and the tokens."""
+    work = work_of(request)
     return inference_response(*await cohere_rerank(data, work))
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Response, post
+from litestar import Request, Response, post
 
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Texts
-from appliance.api.tasks import Endpoint, Work, as_batch, one_or_list
+from appliance.api.tasks import Endpoint, Work, as_batch, one_or_list, work_of
 from appliance.inference import Outcome
 
 TASKS = {"summarisation"}
@@ -64,9 +64,10 @@ class SummarisationResponse(msgspec.Struct):
 )
 async def summarisation(
     data: SummarisationBody,
-    work: Work,
+    request: Request[Any, Any, Any],
 ) -> Response[SummarisationResponse]:
     """Summarise a text, or each text of a list, with a seq2seq model (T5, BART, ...)."""
+    work = work_of(request)
     return inference_response(*await summarise(data, work))
 
 

@@ -14,12 +14,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
-from litestar import Response, get, post
+from litestar import Request, Response, get, post
 
 import appliance
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Text, Texts
-from appliance.api.tasks import VECTORISE, Endpoint, Work, as_batch
+from appliance.api.tasks import VECTORISE, Endpoint, Work, as_batch, work_of
 from appliance.errors import ModelNotFound, ValidationFailed
 from appliance.inference import Outcome
 from appliance.models.registry import ModelEntry
@@ -157,8 +157,11 @@ async def embed(data: TEIEmbedBody, work: Work) -> tuple[list[list[float]], Outc
 
 
 @post("/embed", opt={"scope": "predict"}, tags=["tei"], status_code=200)
-async def embed_route(data: TEIEmbedBody, work: Work) -> Response[list[list[float]]]:
+async def embed_route(
+    data: TEIEmbedBody, request: Request[Any, Any, Any]
+) -> Response[list[list[float]]]:
     """TEI's embed: one vector per input text, in order."""
+    work = work_of(request)
     return inference_response(*await embed(data, work))
 
 
@@ -236,9 +239,10 @@ async def predict(data: TEIPredictBody, work: Work) -> tuple[Any, Outcome]:
 
 @post("/predict", opt={"scope": "predict"}, tags=["tei"], status_code=200)
 async def predict_route(
-    data: TEIPredictBody, work: Work
+    data: TEIPredictBody, request: Request[Any, Any, Any]
 ) -> Response[list[Prediction] | list[list[Prediction]]]:
     """TEI's predict: every label with its score, highest first (a list per text for a batch)."""
+    work = work_of(request)
     return inference_response(*await predict(data, work))
 
 
@@ -284,8 +288,11 @@ async def tokenize(data: TEITokenizeBody, work: Work) -> tuple[list[list[SimpleT
 
 
 @post("/tokenize", opt={"scope": "predict"}, tags=["tei"], status_code=200)
-async def tokenize_route(data: TEITokenizeBody, work: Work) -> Response[list[list[SimpleToken]]]:
+async def tokenize_route(
+    data: TEITokenizeBody, request: Request[Any, Any, Any]
+) -> Response[list[list[SimpleToken]]]:
     """TEI's tokenize: each text's tokens with their ids and byte offsets (nothing charged)."""
+    work = work_of(request)
     return inference_response(*await tokenize(data, work))
 
 
@@ -322,9 +329,10 @@ def _model_type(entry: ModelEntry) -> dict[str, Any]:
 
 
 @get("/info", opt={"scope": "predict"}, tags=["tei"])
-async def info(work: Work, model: str | None = None) -> TEIInfo:
+async def info(request: Request[Any, Any, Any], model: str | None = None) -> TEIInfo:
     """TEI's info about a model (`model`, else the default embedding model, else the default
     classifier, else the default reranker): its id, kind, limits and this server's version."""
+    work = work_of(request)
     entry = work.inference.model_for(
         model or _any_default(work), work.call.key, (EMBEDDING, CLASSIFIER, RERANKER), "info"
     )

@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Response, post
+from litestar import Request, Response, post
 
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Texts
-from appliance.api.tasks import Endpoint, Work, as_batch
+from appliance.api.tasks import Endpoint, Work, as_batch, work_of
 from appliance.errors import ValidationFailed
 from appliance.inference import Outcome
 
@@ -55,9 +55,10 @@ class ImageClassificationResult(msgspec.Struct):
 )
 async def image_vectorisation(
     data: ImageVectorisationBody,
-    work: Work,
+    request: Request[Any, Any, Any],
 ) -> Response[ImageVectorResponse]:
     """Vectorise an image or a list of images (CLIP: the same space as its text vectors)."""
+    work = work_of(request)
     return inference_response(*await vectorise_images(data, work))
 
 
@@ -86,10 +87,11 @@ async def vectorise_images(
 )
 async def image_classification(
     data: ImageClassificationBody,
-    work: Work,
+    request: Request[Any, Any, Any],
 ) -> Response[ImageClassificationResult | list[ImageClassificationResult]]:
     """Classify an image or a list of images: zero-shot over `labels` with a CLIP model, or
     with an image classifier over its own labels (or the subset `labels` names)."""
+    work = work_of(request)
     return inference_response(*await classify_images(data, work))
 
 
