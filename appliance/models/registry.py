@@ -116,14 +116,18 @@ class Registry:
             "verified, opens at its first request," if lazy else "ready",
             took,
         )
-        streams = plan_streams(self.settings.runtime, manifest.task)[0]
+        streams = plan_streams(self.settings.runtime, manifest.task, self.settings.server.workers)[
+            0
+        ]
         return ModelEntry(
             slug, folder, "ready", "", manifest, runner, load_seconds=took, streams=streams
         )
 
     def _open(self, folder: Path, manifest: Manifest) -> Runner:
         """The model's session and runner, warmed up."""
-        threads = plan_streams(self.settings.runtime, manifest.task)[1]
+        threads = plan_streams(self.settings.runtime, manifest.task, self.settings.server.workers)[
+            1
+        ]
         session = create_session(
             folder / manifest.files["model"].path,
             self.settings.runtime,
