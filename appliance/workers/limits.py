@@ -87,6 +87,7 @@ class SqliteRateLimiter(RateLimiter):
                 yield
                 return
             self._depth += 1
+            refused: RateLimited | None = None
             try:
                 with immediate(self._conn) as conn:
                     rows = conn.execute(
@@ -101,15 +102,16 @@ class SqliteRateLimiter(RateLimiter):
                     }
                     try:
                         yield
-                    except RateLimited:
-                        # Kept as the in-memory limiter keeps it: a request refused for its
-                        # tokens has still taken its request (aadmit_charge).
-                        self._save(conn)
-                        raise
+                    except RateLimited as exc:
+                        # Committed as the in-memory limiter keeps it: a request refused for
+                        # its tokens has still taken its request (aadmit_charge).
+                        refused = exc
                     self._save(conn)
             finally:
                 self._depth -= 1
                 self._buckets = {}
+            if refused is not None:
+                raise refused
 
     def _save(self, conn: sqlite3.Connection) -> None:
         conn.executemany(
