@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,9 @@ class Workers:
             "APPLIANCE_MODELS_DIR": str(self.models),
             "APPLIANCE_SERVER__LOG_FORMAT": "text",
             "APPLIANCE_SERVER__SHUTDOWN_GRACE_SECONDS": "10",
+            # No rescans of models_dir while the tests run: a model change reaches the other
+            # workers by the change marker alone.
+            "APPLIANCE_MODELS__WATCH_INTERVAL_SECONDS": "300",
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance", "serve", "--port", str(self.port)]
@@ -112,7 +116,9 @@ class Workers:
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Workers]:
-    server = Workers(tmp_path_factory.mktemp("workers"), models_dir)
+    folder = tmp_path_factory.mktemp("workers")
+    shutil.copytree(models_dir, folder / "models")  # its own: a test deletes a model
+    server = Workers(folder, folder / "models")
     server.start()
     try:
         server.pids(2)
@@ -231,6 +237,21 @@ def requests_seen(server: Workers) -> float:
         for line in text.splitlines()
         if line.startswith("appliance_requests_total{") and f'endpoint="POST {EMBED}"' in line
     )
+
+
+def test_a_model_deleted_via_one_worker_stops_on_all_at_once(workers: Workers) -> None:
+    def listed(i: int) -> set[str]:
+        r = httpx.get(f"{workers.url}/v1/models", headers=workers.admin())
+        return {m["id"] for m in r.json()["data"]}
+
+    assert all("tiny-tags" in seen for seen in at_once(12, listed))
+    r = httpx.delete(f"{workers.url}/v1/models/tiny-tags", headers=workers.admin())
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 2  # rescans are 300 s apart: only the marker can do it
+    while any("tiny-tags" in seen for seen in at_once(12, listed)):
+        assert time.monotonic() < deadline, "a worker still lists the deleted model"
+        time.sleep(0.1)
+    assert all("tiny-embed" in seen for seen in at_once(12, listed))
 
 
 def test_a_killed_worker_is_restarted(workers: Workers) -> None:

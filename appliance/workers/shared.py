@@ -175,7 +175,7 @@ class FileLeases:
 
 class FileEvents:
     """The cluster Events interface over marker files: publish writes events/<kind>.json
-    (atomically, naming the publishing process); a thread stats the markers every
+    (atomically, naming its publisher); a thread stats the markers every
     EVENT_POLL_SECONDS and hands a changed one, written by another process, to the
     handlers. Two publishes between polls are seen as the last one: handlers rescan, so
     they need only know that something changed."""
@@ -186,6 +186,7 @@ class FileEvents:
         self._seen: dict[str, tuple[int, int] | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.origin = f"{os.getpid()}-{secrets.token_hex(4)}"  # who published a message
 
     def on(self, kind: str, handler: Callable[[dict[str, str]], None]) -> None:
         self._handlers.setdefault(kind, []).append(handler)
@@ -195,7 +196,7 @@ class FileEvents:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{kind}.json"
         tmp = path.with_name(f".{kind}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**fields, "pid": str(os.getpid())}))
+        tmp.write_text(json.dumps({**fields, "origin": self.origin}))
         os.replace(tmp, path)
         self._seen[kind] = self._stamp(kind)  # our own change: not news to us
 
@@ -217,7 +218,7 @@ class FileEvents:
                 message = json.loads((self.folder / f"{kind}.json").read_text())
             except (OSError, ValueError):
                 message = {}  # replaced as we read: rescan anyway
-            if message.get("pid") == str(os.getpid()):
+            if message.get("origin") == self.origin:
                 continue
             for handler in handlers:
                 try:
