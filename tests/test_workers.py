@@ -222,6 +222,48 @@ def test_a_job_runs_once_and_every_worker_answers_its_status(workers: Workers) -
     assert f"job {job_id} taken over" not in log
 
 
+def lock_holder(path: Path) -> int | None:
+    """The pid holding an flock on `path`, from the kernel's /proc/locks."""
+    inode = path.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "FLOCK" in fields and fields[-3].endswith(f":{inode}"):
+            return int(fields[-4])
+    return None
+
+
+def test_a_job_whose_worker_dies_is_taken_over_and_still_gives_every_line_once(
+    workers: Workers,
+) -> None:
+    _, auth = workers.key()
+    lines = 4000
+    body = b"".join(b'{"text": "long job line %d"}\n' % i for i in range(lines))
+    created = httpx.post(
+        f"{workers.url}/v1/batch",
+        params={"endpoint": EMBED},
+        content=body,
+        headers={**auth, "Content-Type": "application/x-ndjson"},
+    )
+    job_id = created.json()["id"]
+    assert httpx.post(f"{workers.url}/v1/batch/{job_id}/start", headers=auth).status_code == 200
+    lock = workers.data / "workers" / "locks" / f"job_leases-{job_id}.lock"
+    holder = lock_holder(lock)
+    assert holder is not None and holder in workers.pids(2)
+    os.kill(holder, signal.SIGKILL)
+    deadline = time.monotonic() + 40
+    while True:
+        view = httpx.get(f"{workers.url}/v1/batch/{job_id}", headers=auth).json()
+        if view["status"] == "completed":
+            break
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+    rows = httpx.get(f"{workers.url}/v1/batch/{job_id}/results", headers=auth).text.splitlines()
+    assert len(rows) == lines
+    assert f"job {job_id} taken over" in workers.log.read_text()
+    assert lock_holder(lock) is None  # finished: let go
+    workers.pids(2, exclude={holder})  # and the dead one's replacement serves
+
+
 def test_metrics_count_every_workers_requests(workers: Workers) -> None:
     _, auth = workers.key()
     before = requests_seen(workers)
