@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -344,3 +345,29 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, models_di
         assert log.count("shutdown requested: draining in-flight requests") == 2
     finally:
         server.stop()
+
+
+def test_a_port_taken_without_so_reuseport_fails_at_once(tmp_path: Path, models_dir: Path) -> None:
+    server = Workers(tmp_path, models_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.port))
+        taken.listen()
+        server.start()
+        assert server.proc is not None
+        assert server.proc.wait(30) == 1
+    assert f"cannot listen on 127.0.0.1:{server.port}" in server.log.read_text()
+
+
+def test_workers_must_be_at_least_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    env = {"APPLIANCE_DATA_DIR": str(tmp_path / "data")}
+    umask = os.umask(0o022)  # `serve` sets the process's umask: give this one back after
+    try:
+        result = CliRunner().invoke(app, ["serve", "--workers", "0"], env=env)
+    finally:
+        os.umask(umask)
+    assert result.exit_code == 2
+    assert "server.workers" in result.output

@@ -16,6 +16,7 @@ signal to a worker means "stop now", as for a single server).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -98,12 +99,16 @@ class Supervisor:
         if not self._stopping:
             log.info("shutdown requested: stopping %d workers", self.count)
         self._stopping = True
+        self._forward()
+        self._wake.set()
+
+    def _forward(self) -> None:
         for slot in self._slots:
             if slot.process.is_alive() and slot.process.pid is not None:
                 # SIGTERM whatever came in: a worker drains on it, and a second one (another
                 # Ctrl-C) makes it stop at once, as a single server does.
-                os.kill(slot.process.pid, signal.SIGTERM)
-        self._wake.set()
+                with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                    os.kill(slot.process.pid, signal.SIGTERM)
 
     def _check_port(self) -> None:
         """Fail at once, in the parent, when the port is taken (by a server not using
@@ -115,7 +120,16 @@ class Supervisor:
         from appliance.app import bootstrap_admin_key
         from appliance.gateway.keys import KeyStore
 
-        self._check_port()
+        try:
+            self._check_port()
+        except OSError as exc:
+            log.error(
+                "cannot listen on %s:%d: %s",
+                self.settings.server.host,
+                self.settings.server.port,
+                exc,
+            )
+            return 1
         # Before any worker starts: the first-start admin key is made exactly once.
         self.settings.data_path.mkdir(parents=True, exist_ok=True)
         bootstrap_admin_key(self.settings, KeyStore(self.settings.keys_path))
@@ -127,6 +141,8 @@ class Supervisor:
         try:
             now = time.monotonic()
             self._slots = [_Slot(i, self._spawn(i), now) for i in range(self.count)]
+            if self._stopping:  # a signal came while they were being started
+                self._forward()
             self._watch()
         finally:
             for sig, handler in previous.items():
