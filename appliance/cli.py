@@ -70,9 +70,15 @@ def serve(
     server_flags = {k: v for k, v in flags.items() if v is not None}
     settings = settings_or_exit(config, server=server_flags or None)
     from appliance.logs import configure_logging
-    from appliance.server import run
 
     configure_logging(settings.server.log_level, settings.server.log_format)
+    if settings.server.workers > 1:
+        # The supervisor never imports the server stack: the workers do, each its own.
+        from appliance.workers.supervisor import Supervisor
+
+        raise typer.Exit(Supervisor(settings).run())
+    from appliance.server import run
+
     run(settings)
 
 

@@ -46,18 +46,14 @@ def _config(settings: Settings, lifecycle: Lifecycle) -> uvicorn.Config:
 
 
 def run(settings: Settings) -> None:
+    """One process serving (server.workers > 1 goes to appliance.workers.supervisor)."""
     log.info(
-        "serving models from %s, state in %s, on http://%s:%d%s",
+        "serving models from %s, state in %s, on http://%s:%d",
         settings.models_path,
         settings.data_path,
         settings.server.host,
         settings.server.port,
-        f" with {settings.server.workers} workers" if settings.server.workers > 1 else "",
     )
-    if settings.server.workers > 1:
-        from appliance.workers.supervisor import Supervisor
-
-        raise SystemExit(Supervisor(settings).run())
     limit_malloc_arenas()
     lifecycle = Lifecycle()
     _Server(_config(settings, lifecycle), lifecycle).run()

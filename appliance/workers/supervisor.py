@@ -66,6 +66,19 @@ def _worker_main(settings: Settings, index: int) -> None:
     serve_worker(settings, listening_socket(settings.server.host, settings.server.port))
 
 
+def _bootstrap_main(settings: Settings) -> None:
+    """The first-start admin key, made once before any worker starts (N workers starting
+    together would each see no key and make one). In a child of its own, so that the
+    supervisor never imports the server stack (it stays a small process)."""
+    from appliance.app import bootstrap_admin_key
+    from appliance.gateway.keys import KeyStore
+    from appliance.logs import configure_logging
+
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    bootstrap_admin_key(settings, KeyStore(settings.keys_path))
+
+
 @dataclass
 class _Slot:
     index: int
@@ -117,9 +130,15 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until every worker has stopped; 0 if all of them stopped cleanly."""
-        from appliance.app import bootstrap_admin_key
-        from appliance.gateway.keys import KeyStore
-
+        server = self.settings.server
+        log.info(
+            "serving models from %s, state in %s, on http://%s:%d with %d workers",
+            self.settings.models_path,
+            self.settings.data_path,
+            server.host,
+            server.port,
+            self.count,
+        )
         try:
             self._check_port()
         except OSError as exc:
@@ -130,9 +149,12 @@ class Supervisor:
                 exc,
             )
             return 1
-        # Before any worker starts: the first-start admin key is made exactly once.
-        self.settings.data_path.mkdir(parents=True, exist_ok=True)
-        bootstrap_admin_key(self.settings, KeyStore(self.settings.keys_path))
+        bootstrap = self._context.Process(target=_bootstrap_main, args=(self.settings,))
+        bootstrap.start()
+        bootstrap.join()
+        if bootstrap.exitcode != 0:
+            log.error("start-up failed (the admin key bootstrap exited %s)", bootstrap.exitcode)
+            return 1
         # Every worker writes its counters to files in one folder and /metrics on any of
         # them sums all (prometheus_client's multiprocess mode); a fresh folder per run.
         metrics_dir = tempfile.mkdtemp(prefix="appliance-metrics-")
