@@ -154,3 +154,15 @@ def test_a_model_change_published_by_one_worker_reaches_the_others(tmp_path: Pat
     assert got_two == [{"slug": "m", "change": "removed", "origin": one.origin}]
     two.poll()
     assert len(got_two) == 1  # seen once
+
+
+def test_each_worker_sizes_its_sessions_to_its_share_of_the_cores() -> None:
+    from appliance.config import RuntimeConfig
+    from appliance.runtime.session import plan_streams, usable_cores
+
+    cores = usable_cores()
+    config = RuntimeConfig()
+    assert plan_streams(config, "feature-extraction") == (cores, 1)
+    assert plan_streams(config, "feature-extraction", workers=2) == (max(1, cores // 2), 1)
+    assert plan_streams(config, "feature-extraction", workers=cores * 4) == (1, 1)  # at least 1
+    assert plan_streams(config, "text-generation", workers=2) == (1, max(1, cores // 2))
