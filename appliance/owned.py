@@ -65,7 +65,8 @@ class OwnedStore(Generic[T]):
         self.shared = shared
         """Other processes (server.workers) change the file too: re-read it when it changed
         (one stat per read) and write under a lock file, from what is on disk."""
-        self._stamp = self._file_stamp()
+        # (Not shared: no stat at all; the cluster stores subclass this with no file.)
+        self._stamp = self._file_stamp() if shared else None
         self._items: list[T] = self._read()
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
