@@ -103,7 +103,9 @@ def open_backends(settings: Settings, metrics: Any = None) -> Backends:
         )
     from appliance.cluster.setup import open_cluster  # only now: Redis and psycopg imports
 
-    return open_cluster(settings, metrics)
+    backends = open_cluster(settings, metrics)
+    backends.workers = settings.server.workers  # already shared: each worker opens its own
+    return backends
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class Workers:
     models: Path
     count: int = 2
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    admin_secret: str | None = None
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -61,6 +63,7 @@ class Workers:
             # No rescans of models_dir while the tests run: a model change reaches the other
             # workers by the change marker alone.
             "APPLIANCE_MODELS__WATCH_INTERVAL_SECONDS": "300",
+            **self.env,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance", "serve", "--port", str(self.port)]
@@ -91,7 +94,8 @@ class Workers:
         raise RuntimeError(f"saw workers {seen}, not {want}: {self.log.read_text()[-3000:]}")
 
     def admin(self) -> dict[str, str]:
-        return {"x-api-key": (self.data / "admin.key").read_text().strip()}
+        secret = self.admin_secret or (self.data / "admin.key").read_text().strip()
+        return {"x-api-key": secret}
 
     def key(self, **fields: Any) -> tuple[str, dict[str, str]]:
         r = httpx.post(
@@ -371,3 +375,26 @@ def test_workers_must_be_at_least_one(tmp_path: Path) -> None:
         os.umask(umask)
     assert result.exit_code == 2
     assert "server.workers" in result.output
+
+
+def test_with_cluster_backends_workers_are_replicas_that_hear_each_other(
+    tmp_path: Path, models_dir: Path, cluster_env: dict[str, str]
+) -> None:
+    """[cluster] set: each worker opens PostgreSQL and Redis as a replica of its own name, so
+    a revoke via one reaches the others by pub/sub at once (under one shared name each
+    would skip the other's message as its own, and wait for the 5 s refresh)."""
+    secret = "apl_workers-cluster-admin-secret"
+    (tmp_path / "admin.secret").write_text(secret)
+    env = {**cluster_env, "APPLIANCE_AUTH__ADMIN_KEY_FILE": str(tmp_path / "admin.secret")}
+    server = Workers(tmp_path, models_dir, env=env, admin_secret=secret)
+    server.start()
+    try:
+        assert len(server.pids(2)) == 2
+        key_id, auth = server.key()
+        assert {r.status_code for r in at_once(16, lambda i: embed(server, auth, "c"))} == {200}
+        revoked = httpx.delete(f"{server.url}/v1/keys/{key_id}", headers=server.admin())
+        assert revoked.status_code == 200, revoked.text
+        time.sleep(1.0)  # pub/sub: milliseconds; the fallback refresh: 5 s
+        assert {r.status_code for r in at_once(16, lambda i: embed(server, auth, "c"))} == {401}
+    finally:
+        assert server.stop() == 0

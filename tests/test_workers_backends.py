@@ -166,3 +166,21 @@ def test_each_worker_sizes_its_sessions_to_its_share_of_the_cores() -> None:
     assert plan_streams(config, "feature-extraction", workers=2) == (max(1, cores // 2), 1)
     assert plan_streams(config, "feature-extraction", workers=cores * 4) == (1, 1)  # at least 1
     assert plan_streams(config, "text-generation", workers=2) == (1, max(1, cores // 2))
+
+
+def test_with_cluster_backends_each_worker_is_its_own_replica(tmp_path: Path) -> None:
+    from appliance.workers.supervisor import worker_settings
+    from tests.conftest import make_settings
+
+    single = make_settings(tmp_path / "a", tmp_path / "m")
+    assert worker_settings(single, 1) is single
+    cluster = make_settings(
+        tmp_path / "b",
+        tmp_path / "m",
+        APPLIANCE_CLUSTER__DATABASE_URL="postgresql://h/db",
+        APPLIANCE_CLUSTER__REDIS_URL="redis://h/0",
+        APPLIANCE_CLUSTER__REPLICA_ID="box",
+    )
+    names = {worker_settings(cluster, i).cluster.replica_id for i in range(3)}
+    assert names == {"box-w0", "box-w1", "box-w2"}
+    assert worker_settings(cluster, 0).cluster.database_url == "postgresql://h/db"

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+import msgspec
+
 from appliance.config import Settings
 
 log = logging.getLogger("appliance.server")
@@ -55,12 +57,25 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker `index`'s settings. With [cluster], each worker is a replica to the shared
+    backends under its own name (replica_id-wN): under one name two workers would both hold
+    a job's lease and each would ignore the other's events as its own."""
+    if not settings.cluster.enabled:
+        return settings
+    cluster = msgspec.structs.replace(
+        settings.cluster, replica_id=f"{settings.cluster.replica_id}-w{index}"
+    )
+    return msgspec.structs.replace(settings, cluster=cluster)
+
+
 def _worker_main(settings: Settings, index: int) -> None:
     """A worker's body (a fresh interpreter): logging, then one server on its own socket."""
     os.setpgrp()
     from appliance.logs import configure_logging
     from appliance.server import serve_worker
 
+    settings = worker_settings(settings, index)
     configure_logging(settings.server.log_level, settings.server.log_format)
     log.info("worker %d (pid %d) starting", index, os.getpid())
     serve_worker(settings, listening_socket(settings.server.host, settings.server.port))
