@@ -68,7 +68,8 @@ class SqliteRateLimiter(RateLimiter):
     """RateLimiter's token buckets, kept in SQLite so that every worker process draws from
     the same ones. Each public call loads the key's two buckets inside its transaction,
     lets RateLimiter's own arithmetic decide (so semantics and headers are the same), and
-    writes them back before COMMIT; a refusal rolls back (it took nothing)."""
+    writes them back before COMMIT, a refusal included (its refill, and in aadmit_charge the
+    request it took, are kept exactly as the in-memory limiter keeps them)."""
 
     def __init__(self, path: Path, clock: Clock = time.time) -> None:
         super().__init__(clock)
@@ -162,20 +163,22 @@ class SharedUsageLog(UsageLog):
     and adds in one BEGIN IMMEDIATE transaction on usage.db's spend table (the in-memory
     dict of UsageLog would let N workers each spend the whole quota)."""
 
+    _spend_tx: sqlite3.Connection | None = None
+
     def start(self) -> None:
         super().start()
-        self._spend_tx = connect(self.path, durable=True)
+        if self._spend_tx is None:
+            self._spend_tx = connect(self.path, durable=True)
 
     def stop(self) -> None:
         super().stop()
-        conn = getattr(self, "_spend_tx", None)
-        if conn is not None:
+        if self._spend_tx is not None:
             with self._lock:
-                conn.close()
+                self._spend_tx.close()
                 self._spend_tx = None
 
     def _tx(self) -> sqlite3.Connection:
-        conn = getattr(self, "_spend_tx", None)
+        conn = self._spend_tx
         if conn is None:  # before start / after stop: open on demand (tests, CLI)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._spend_tx = connect(self.path, durable=True)
