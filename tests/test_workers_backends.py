@@ -3,6 +3,7 @@ for two worker processes (and real child processes where dying or racing matters
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -184,3 +185,23 @@ def test_with_cluster_backends_each_worker_is_its_own_replica(tmp_path: Path) ->
     names = {worker_settings(cluster, i).cluster.replica_id for i in range(3)}
     assert names == {"box-w0", "box-w1", "box-w2"}
     assert worker_settings(cluster, 0).cluster.database_url == "postgresql://h/db"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_starting_worker_leaves_another_workers_upload_alone(
+    tmp_path: Path, workers: str
+) -> None:
+    from appliance.models.builds import Builds
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", tmp_path / "m", APPLIANCE_SERVER__WORKERS=workers)
+    uploads = settings.data_path / "uploads"
+    (uploads / "staging-now").mkdir(parents=True)
+    (uploads / "now.zip").write_bytes(b"PK")  # being received by another worker
+    (uploads / "crashed.zip").write_bytes(b"PK")
+    long_ago = time.time() - settings.models.build_timeout_seconds - 60
+    os.utime(uploads / "crashed.zip", (long_ago, long_ago))
+    Builds(settings, registry=None)  # type: ignore[arg-type]
+    left = sorted(p.name for p in uploads.iterdir())
+    # One process: everything there is its own previous run's. Several: only the untouched.
+    assert left == ([] if workers == "1" else ["now.zip", "staging-now"])

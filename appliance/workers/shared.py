@@ -15,7 +15,6 @@ replicas, with data_dir standing in for PostgreSQL and Redis:
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -248,8 +247,6 @@ def open_worker_backends(settings: Settings) -> Backends:
     limiter = SqliteRateLimiter(folder / "limits.db")
     shared = SqliteShared(folder / "workers.db")
     leases = FileLeases(folder / "locks")
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(parents=True)
     return Backends(
         keys=SharedKeyStore(settings.keys_path),
         limiter=limiter,
