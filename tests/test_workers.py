@@ -351,9 +351,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path, models_di
         server.stop()
 
 
-def test_a_port_taken_without_so_reuseport_fails_at_once(tmp_path: Path, models_dir: Path) -> None:
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "so_reuseport"])
+def test_a_taken_port_fails_at_once(tmp_path: Path, models_dir: Path, reuseport: bool) -> None:
+    """Also when its listener uses SO_REUSEPORT (another appliance on the port): the kernel
+    would otherwise split the connections between the two servers."""
     server = Workers(tmp_path, models_dir)
     with socket.socket() as taken:
+        if reuseport:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", server.port))
         taken.listen()
         server.start()

@@ -17,6 +17,7 @@ signal to a worker means "stop now", as for a single server).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -139,9 +140,19 @@ class Supervisor:
                     os.kill(slot.process.pid, signal.SIGTERM)
 
     def _check_port(self) -> None:
-        """Fail at once, in the parent, when the port is taken (by a server not using
-        SO_REUSEPORT), rather than in a restart loop of every worker."""
-        listening_socket(self.settings.server.host, self.settings.server.port).close()
+        """Fail at once, in the parent, when the port is taken, rather than in a restart loop
+        of every worker: by a server without SO_REUSEPORT (the bind fails), or by one with it
+        (another appliance started twice on one port: the bind would succeed and the kernel
+        would quietly split the connections between the two, so a listener that answers a
+        connect is refused too)."""
+        host, port = self.settings.server.host, self.settings.server.port
+        listening_socket(host, port).close()
+        probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+        try:
+            socket.create_connection((probe, port), timeout=0.5).close()
+        except OSError:
+            return  # nobody listens: the port is ours
+        raise OSError(errno.EADDRINUSE, "another server already listens on this port")
 
     def run(self) -> int:
         """Serve until every worker has stopped; 0 if all of them stopped cleanly."""
