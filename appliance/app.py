@@ -156,7 +156,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await asyncio.to_thread(backends.start)
-        if backends.cluster:
+        if backends.cluster or backends.workers > 1:  # replicas, or workers on one box
             wire_cluster_events(backends, registry, asyncio.get_running_loop())
         await asyncio.to_thread(bootstrap_admin_key, settings, keys)
         await asyncio.to_thread(usage.start)

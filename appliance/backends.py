@@ -54,6 +54,8 @@ class Backends:
     """Cluster mode: secrets every replica must share (appliance.cluster.secrets)."""
     grants: Any = None
     """Cluster mode: upload-URL grants any replica can redeem; None: in this process."""
+    workers: int = 1
+    """server.workers: above 1, every one of these is safe across the worker processes."""
 
     def shared_secret(self, name: str) -> Callable[[], bytes] | None:
         """A loader of the secret `name` that every replica shares (None on a single box,
@@ -80,6 +82,12 @@ class Backends:
 
 def open_backends(settings: Settings, metrics: Any = None) -> Backends:
     usage = settings.usage
+    if not settings.cluster.enabled and settings.server.workers > 1:
+        # Several processes on one box: the same files, reached in ways that stay exact
+        # across processes. One process keeps the in-memory fast paths below.
+        from appliance.workers.shared import open_worker_backends
+
+        return open_worker_backends(settings)
     if not settings.cluster.enabled:
         return Backends(
             keys=KeyStore(settings.keys_path),
@@ -95,7 +103,9 @@ def open_backends(settings: Settings, metrics: Any = None) -> Backends:
         )
     from appliance.cluster.setup import open_cluster  # only now: Redis and psycopg imports
 
-    return open_cluster(settings, metrics)
+    backends = open_cluster(settings, metrics)
+    backends.workers = settings.server.workers  # already shared: each worker opens its own
+    return backends
 
 
 @contextlib.contextmanager

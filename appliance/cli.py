@@ -60,14 +60,25 @@ def serve(
     config: ConfigOpt = None,
     host: Annotated[Optional[str], typer.Option(help="Address to bind.")] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help="Port to bind.")] = None,  # noqa: UP045
+    workers: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Processes serving the port, each with its share of the cores."),
+    ] = None,
 ) -> None:
     """Serve every model in the models directory over HTTP."""
-    server_flags = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    flags = {"host": host, "port": port, "workers": workers}
+    server_flags = {k: v for k, v in flags.items() if v is not None}
     settings = settings_or_exit(config, server=server_flags or None)
     from appliance.logs import configure_logging
-    from appliance.server import run
 
     configure_logging(settings.server.log_level, settings.server.log_format)
+    if settings.server.workers > 1:
+        # The supervisor never imports the server stack: the workers do, each its own.
+        from appliance.workers.supervisor import Supervisor
+
+        raise typer.Exit(Supervisor(settings).run())
+    from appliance.server import run
+
     run(settings)
 
 

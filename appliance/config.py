@@ -51,6 +51,10 @@ class ServerConfig(_Section):
     """json: one JSON object per line (request id on every request line); text: plain."""
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     """On SIGTERM, how long in-flight requests may take to finish."""
+    workers: Positive = 1
+    """Processes serving the port (SO_REUSEPORT: the kernel spreads connections), each with
+    its share of the cores. Above 1 without [cluster], limits, quotas and stores switch to
+    backends that are exact across processes (SQLite and file locks in data_dir)."""
 
 
 class RuntimeConfig(_Section):

@@ -3,10 +3,16 @@
 Request count and duration by endpoint/model/status, queue and inference time and batch size
 per model, queue depth and load status per model (read at scrape time), cache hits and
 misses, tokens, rate-limited requests.
+
+With server.workers > 1 the supervisor sets PROMETHEUS_MULTIPROC_DIR before the workers
+start: prometheus_client then keeps every counter and histogram in files there, and
+/metrics on any worker sums all workers' (the model and queue gauges read at scrape time
+are the answering worker's own).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -59,6 +65,8 @@ class _Dropped(Collector):
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._local: list[Collector] = []  # read at scrape time, from this process only
         r = self.registry
         self.requests = Counter(
             "appliance_requests", "HTTP requests", ["endpoint", "model", "status"], registry=r
@@ -116,11 +124,15 @@ class Metrics:
         )
 
     def watch_models(self, entries: Callable[[], Iterable[ModelEntry]]) -> None:
-        self.registry.register(_ModelState(entries))
+        self._watch(_ModelState(entries))
 
     def watch_usage(self, dropped: Callable[[], int]) -> None:
         """Usage records dropped because the usage queue was full (read at scrape time)."""
-        self.registry.register(_Dropped(dropped))
+        self._watch(_Dropped(dropped))
+
+    def _watch(self, collector: Collector) -> None:
+        self.registry.register(collector)
+        self._local.append(collector)
 
     def batch_observer(self, model: str) -> Callable[[int, list[float], float], None]:
         queue, infer, size = (
@@ -138,4 +150,14 @@ class Metrics:
         return observe
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        # The counters of every worker (files in the shared folder), plus this one's
+        # scrape-time gauges; a registry per scrape, as prometheus_client's docs advise.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        for collector in self._local:
+            registry.register(collector)
+        return generate_latest(registry)

@@ -1,6 +1,7 @@
 """Named records that belong to the key that saved them (saved classifiers, pipelines),
 kept in one JSON file in data_dir: read once, held in memory, written atomically with mode
-0600. The rules are the same for every kind:
+0600 (with server.workers > 1: re-read when another process replaced it, written under a
+lock file). The rules are the same for every kind:
 
 - an owner is the key id that saved it, or None for shared ones (saved by an admin key, or
   before owners existed); a key sees its own and the shared ones;
@@ -12,8 +13,11 @@ kept in one JSON file in data_dir: read once, held in memory, written atomically
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -54,11 +58,49 @@ class OwnedStore(Generic[T]):
     limit_error: ClassVar[type[ValidationFailed]]
     config_key: ClassVar[str]  # what sets max_per_key, for the cap's message
 
-    def __init__(self, path: Path, *, max_per_key: int = 100) -> None:
+    def __init__(self, path: Path, *, max_per_key: int = 100, shared: bool = False) -> None:
         self.path = path
         self.max_per_key = max_per_key
         self._lock = threading.Lock()
+        self.shared = shared
+        """Other processes (server.workers) change the file too: re-read it when it changed
+        (one stat per read) and write under a lock file, from what is on disk."""
+        # (Not shared: no stat at all; the cluster stores subclass this with no file.)
+        self._stamp = self._file_stamp() if shared else None
         self._items: list[T] = self._read()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        # Each write replaces the file: a new inode even within one mtime tick.
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _current(self) -> list[T]:
+        """The items, re-read first if another process replaced the file (shared only);
+        call with self._lock held."""
+        if self.shared:
+            stamp = self._file_stamp()
+            if stamp != self._stamp:
+                self._stamp, self._items = stamp, self._read()
+        return self._items
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[list[T]]:
+        """self._lock, plus (shared) an flock on a lock file beside the file, held from the
+        read to the replace, so two processes' changes cannot overwrite each other."""
+        with self._lock:
+            if not self.shared:
+                yield self._items
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    yield self._current()
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
 
     @staticmethod
     def validate(item: Any) -> None:
@@ -73,7 +115,7 @@ class OwnedStore(Generic[T]):
 
     def _write(self, items: list[T]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "wb") as fh:
             body = msgspec.json.encode(self.file_type(**{self.field: items}))
@@ -83,6 +125,8 @@ class OwnedStore(Generic[T]):
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
         self._items = items
+        if self.shared:
+            self._stamp = self._file_stamp()
 
     @staticmethod
     def visible(item: Named, who: Owner | None) -> bool:
@@ -93,7 +137,7 @@ class OwnedStore(Generic[T]):
 
     def list(self, who: Owner | None = None) -> list[T]:
         with self._lock:
-            return [c for c in self._items if self.visible(c, who)]
+            return [c for c in self._current() if self.visible(c, who)]
 
     def get(self, name: str, who: Owner | None = None) -> T:
         for c in self.list(who):
@@ -113,8 +157,7 @@ class OwnedStore(Generic[T]):
         self.validate(item)
         item.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         item.owner = None if is_admin(who) else who.id  # type: ignore[union-attr]
-        with self._lock:
-            items = self._items
+        with self._writing() as items:
             existing = next((c for c in items if c.name == item.name), None)
             if existing is not None and not self.visible(existing, who):
                 # Names are global: all another key may learn is that this one is taken.
@@ -143,9 +186,9 @@ class OwnedStore(Generic[T]):
         return item
 
     def delete(self, name: str, who: Owner | None = None) -> None:
-        with self._lock:
-            found = next((c for c in self._items if c.name == name and self.visible(c, who)), None)
+        with self._writing() as items:
+            found = next((c for c in items if c.name == name and self.visible(c, who)), None)
             if found is None:
                 raise self._not_found(name)
             self._may_change(found, who)
-            self._write([c for c in self._items if c.name != name])
+            self._write([c for c in items if c.name != name])

@@ -5,6 +5,7 @@ server.shutdown_grace_seconds), then the lifespan flushes the usage log and free
 from __future__ import annotations
 
 import logging
+import socket
 from types import FrameType
 
 import uvicorn
@@ -30,17 +31,8 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run(settings: Settings) -> None:
-    limit_malloc_arenas()
-    lifecycle = Lifecycle()
-    log.info(
-        "serving models from %s, state in %s, on http://%s:%d",
-        settings.models_path,
-        settings.data_path,
-        settings.server.host,
-        settings.server.port,
-    )
-    config = uvicorn.Config(
+def _config(settings: Settings, lifecycle: Lifecycle) -> uvicorn.Config:
+    return uvicorn.Config(
         create_app(settings, lifecycle=lifecycle),
         host=settings.server.host,
         port=settings.server.port,
@@ -53,4 +45,24 @@ def run(settings: Settings) -> None:
         proxy_headers=False,
         http=CorkedHttpToolsProtocol,
     )
-    _Server(config, lifecycle).run()
+
+
+def run(settings: Settings) -> None:
+    """One process serving (server.workers > 1 goes to appliance.workers.supervisor)."""
+    log.info(
+        "serving models from %s, state in %s, on http://%s:%d",
+        settings.models_path,
+        settings.data_path,
+        settings.server.host,
+        settings.server.port,
+    )
+    limit_malloc_arenas()
+    lifecycle = Lifecycle()
+    _Server(_config(settings, lifecycle), lifecycle).run()
+
+
+def serve_worker(settings: Settings, sock: socket.socket) -> None:
+    """One of server.workers processes: the same server on its own SO_REUSEPORT socket."""
+    limit_malloc_arenas()
+    lifecycle = Lifecycle()
+    _Server(_config(settings, lifecycle), lifecycle).run(sockets=[sock])

@@ -13,6 +13,7 @@ from litestar.testing import TestClient
 
 from appliance.gateway.ratelimit import RateLimiter
 from appliance.runtime.batcher import Batcher
+from appliance.workers.limits import SqliteRateLimiter
 from tests.test_gateway_ratelimit import FakeClock
 
 EMBED = "/v1/text-vectorisation"
@@ -213,9 +214,28 @@ def test_cache_write_failures_never_fail_the_request(
 
 
 # ---- rate limits and quotas ----------------------------------------------------------------
-def test_over_the_request_limit_is_429_with_a_true_retry_after(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["memory", "workers"])
+def gateway(request, serve, models_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """gateway(clock=None, **env) -> a started client, whose limits and quota spend are the
+    in-memory ones of one process, or the SQLite ones server.workers > 1 shares across
+    processes (the same tests hold for both)."""
+    started: list[object] = []
+
+    def start(clock: FakeClock | None = None, data: Path | None = None, **env: str) -> TestClient:
+        started.append(clock)
+        if request.param == "memory":
+            limiter = None if clock is None else RateLimiter(clock)
+            return serve(models_dir, limiter=limiter, data=data, **env)
+        path = tmp_path / f"limits{len(started)}.db"
+        limiter = None if clock is None else SqliteRateLimiter(path, clock)
+        return serve(models_dir, limiter=limiter, data=data, APPLIANCE_SERVER__WORKERS="2", **env)
+
+    return start
+
+
+def test_over_the_request_limit_is_429_with_a_true_retry_after(gateway) -> None:  # type: ignore[no-untyped-def]
     clock = FakeClock()
-    client = serve(models_dir, limiter=RateLimiter(clock))
+    client = gateway(clock)
     key, secret = client.keys.create("slow", ["predict"], requests_per_minute=3)
     remaining = [
         embed(client, secret, f"t{i}").headers["x-ratelimit-remaining-requests"] for i in range(3)
@@ -230,8 +250,8 @@ def test_over_the_request_limit_is_429_with_a_true_retry_after(serve, models_dir
     assert embed(client, secret, "t3").status_code == 200
 
 
-def test_over_the_token_limit_is_429(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    client = serve(models_dir, limiter=RateLimiter(FakeClock()))
+def test_over_the_token_limit_is_429(gateway) -> None:  # type: ignore[no-untyped-def]
+    client = gateway(FakeClock())
     _, secret = client.keys.create("tokens", ["predict"], tokens_per_minute=20)
     ok = embed(client, secret, "the quick brown fox jumps over the lazy dog")  # 11 tokens
     assert ok.status_code == 200
@@ -242,9 +262,8 @@ def test_over_the_token_limit_is_429(serve, models_dir: Path) -> None:  # type: 
     assert int(r.headers["retry-after"]) >= 1
 
 
-def test_limits_default_from_config(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    client = serve(
-        models_dir,
+def test_limits_default_from_config(gateway) -> None:  # type: ignore[no-untyped-def]
+    client = gateway(
         APPLIANCE_LIMITS__REQUESTS_PER_MINUTE="7",
         APPLIANCE_LIMITS__TOKENS_PER_MINUTE="999",
     )
@@ -255,8 +274,8 @@ def test_limits_default_from_config(serve, models_dir: Path) -> None:  # type: i
     assert int(r.headers["x-ratelimit-reset"]) >= int(time.time())
 
 
-def test_concurrent_clients_never_exceed_the_bucket(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    client = serve(models_dir, limiter=RateLimiter(FakeClock()))
+def test_concurrent_clients_never_exceed_the_bucket(gateway) -> None:  # type: ignore[no-untyped-def]
+    client = gateway(FakeClock())
     _, secret = client.keys.create("shared", ["predict"], requests_per_minute=25)
     statuses: list[int] = []
     lock = threading.Lock()
@@ -277,8 +296,8 @@ def test_concurrent_clients_never_exceed_the_bucket(serve, models_dir: Path) -> 
     assert statuses.count(429) == 55
 
 
-def test_quota_spent_is_402_and_balance_shows_it(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    client = serve(models_dir)
+def test_quota_spent_is_402_and_balance_shows_it(gateway) -> None:  # type: ignore[no-untyped-def]
+    client = gateway()
     _, secret = client.keys.create("metered", ["predict"], token_quota=12)
     first = embed(client, secret, "hello there")
     spent = int(first.headers["x-tokens-used"])
@@ -293,12 +312,12 @@ def test_quota_spent_is_402_and_balance_shows_it(serve, models_dir: Path) -> Non
     assert client.get("/v1/balance", headers={"x-api-key": secret}).json()["spent"] <= 12
 
 
-def test_spend_survives_a_restart(serve, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    first = serve(models_dir)
+def test_spend_survives_a_restart(gateway) -> None:  # type: ignore[no-untyped-def]
+    first = gateway()
     _, secret = first.keys.create("metered", ["predict"], token_quota=1000)
     used = int(embed(first, secret, "remember me").headers["x-tokens-used"])
     first.__exit__(None, None, None)
-    second = serve(models_dir, data=first.data_dir)
+    second = gateway(data=first.data_dir)
     assert second.get("/v1/balance", headers={"x-api-key": secret}).json()["spent"] == used
 
 
@@ -547,7 +566,8 @@ def test_limits_changed_by_the_cli_apply_to_a_running_server(client: TestClient)
     assert client.get("/v1/balance", headers={"x-api-key": secret}).json()["token_quota"] == 50
 
 
-def test_quota_spend_survives_kill_9(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["UsageLog", "SharedUsageLog"])
+def test_quota_spend_survives_kill_9(tmp_path: Path, kind: str) -> None:
     """Spend is committed as it is reserved, not by the usage queue: a process killed -9
     right after charging (its queue never written) still counts it after a restart."""
     import signal
@@ -555,12 +575,14 @@ def test_quota_spend_survives_kill_9(tmp_path: Path) -> None:
     import sys
 
     from appliance.gateway.usage import UsageLog
+    from appliance.workers.limits import SharedUsageLog
 
     path = tmp_path / "usage.db"
+    module = "gateway.usage" if kind == "UsageLog" else "workers.limits"
     child = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from appliance.gateway.usage import UsageLog\n"
+        f"from appliance.{module} import {kind} as UsageLog\n"
         f"log = UsageLog(Path({str(path)!r}), retention_days=1)\n"
         "log.start()\n"
         "log.reserve('key_a', 1000, 300)\n"
@@ -569,7 +591,7 @@ def test_quota_spend_survives_kill_9(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", child], cwd=Path(__file__).parent.parent)
     assert done.returncode == -signal.SIGKILL
-    log = UsageLog(path, retention_days=1)
+    log = (UsageLog if kind == "UsageLog" else SharedUsageLog)(path, retention_days=1)
     log.start()
     try:
         assert log.spent("key_a") == 250

@@ -1,11 +1,27 @@
-"""Token-bucket arithmetic with a frozen, hand-moved clock (no sleeps)."""
+"""Token-bucket arithmetic with a frozen, hand-moved clock (no sleeps), for both limiters:
+the in-memory one (one process) and the SQLite one that server.workers > 1 shares across
+processes; they must decide and report alike."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from appliance.errors import RateLimited
-from appliance.gateway.ratelimit import RateLimiter, TokenBucket
+from appliance.gateway.ratelimit import Clock, RateLimiter, TokenBucket
+from appliance.workers.limits import SqliteRateLimiter
+
+MakeLimiter = Callable[[Clock], RateLimiter]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_limiter(request: pytest.FixtureRequest, tmp_path: Path) -> MakeLimiter:
+    if request.param == "memory":
+        return RateLimiter
+    return lambda clock: SqliteRateLimiter(tmp_path / "limits.db", clock)
 
 
 class FakeClock:
@@ -27,9 +43,9 @@ def test_bucket_refills_at_limit_per_minute() -> None:
     assert b.level == 60  # capped at the limit
 
 
-def test_burst_up_to_the_limit_then_refused_with_retry_after() -> None:
+def test_burst_up_to_the_limit_then_refused_with_retry_after(make_limiter: MakeLimiter) -> None:
     clock = FakeClock()
-    rl = RateLimiter(clock)
+    rl = make_limiter(clock)
     for _ in range(10):
         rl.admit_request("k", rpm=10, tpm=1000)
     with pytest.raises(RateLimited) as info:
@@ -44,9 +60,9 @@ def test_burst_up_to_the_limit_then_refused_with_retry_after() -> None:
     assert state.remaining_requests == 0
 
 
-def test_tokens_are_charged_exactly_and_refused_beyond() -> None:
+def test_tokens_are_charged_exactly_and_refused_beyond(make_limiter: MakeLimiter) -> None:
     clock = FakeClock()
-    rl = RateLimiter(clock)
+    rl = make_limiter(clock)
     state = rl.admit_tokens("k", rpm=10, tpm=600, tokens=500)
     assert state.remaining_tokens == 100
     with pytest.raises(RateLimited) as info:
@@ -56,31 +72,31 @@ def test_tokens_are_charged_exactly_and_refused_beyond() -> None:
     assert rl.admit_tokens("k", rpm=10, tpm=600, tokens=150).remaining_tokens == 0
 
 
-def test_a_request_bigger_than_the_limit_says_so() -> None:
-    rl = RateLimiter(FakeClock())
+def test_a_request_bigger_than_the_limit_says_so(make_limiter: MakeLimiter) -> None:
+    rl = make_limiter(FakeClock())
     with pytest.raises(RateLimited, match="split it"):
         rl.admit_tokens("k", rpm=10, tpm=100, tokens=101)
 
 
-def test_keys_do_not_share_buckets() -> None:
-    rl = RateLimiter(FakeClock())
+def test_keys_do_not_share_buckets(make_limiter: MakeLimiter) -> None:
+    rl = make_limiter(FakeClock())
     rl.admit_request("a", rpm=1, tpm=10)
     rl.admit_request("b", rpm=1, tpm=10)
     with pytest.raises(RateLimited):
         rl.admit_request("a", rpm=1, tpm=10)
 
 
-def test_reset_is_when_the_buckets_are_full_again() -> None:
+def test_reset_is_when_the_buckets_are_full_again(make_limiter: MakeLimiter) -> None:
     clock = FakeClock(1000.0)
-    rl = RateLimiter(clock)
+    rl = make_limiter(clock)
     rl.admit_request("k", rpm=60, tpm=60)
     state = rl.admit_tokens("k", rpm=60, tpm=60, tokens=30)
     assert state.reset == 1030  # 30 tokens at 1 token/s
     assert state.headers()["X-RateLimit-Limit-Tokens"] == "60"
 
 
-def test_settling_gives_back_and_charges() -> None:
-    rl = RateLimiter(FakeClock())
+def test_settling_gives_back_and_charges(make_limiter: MakeLimiter) -> None:
+    rl = make_limiter(FakeClock())
     rl.admit_tokens("k", rpm=10, tpm=100, tokens=50)
     rl.settle_tokens("k", 100, -20)
     assert rl.state("k", 10, 100).remaining_tokens == 70
@@ -88,8 +104,33 @@ def test_settling_gives_back_and_charges() -> None:
     assert rl.state("k", 10, 100).remaining_tokens == 40
 
 
-def test_a_lowered_limit_applies_at_once() -> None:
-    rl = RateLimiter(FakeClock())
+def test_a_lowered_limit_applies_at_once(make_limiter: MakeLimiter) -> None:
+    rl = make_limiter(FakeClock())
     rl.admit_request("k", rpm=100, tpm=10)
     state = rl.admit_request("k", rpm=5, tpm=10)
     assert state.limit_requests == 5 and state.remaining_requests == 4
+
+
+def test_sqlite_buckets_are_shared_by_every_limiter_on_the_file(tmp_path: Path) -> None:
+    """Two limiters on one file stand for two worker processes: they draw from one bucket."""
+    clock = FakeClock()
+    one = SqliteRateLimiter(tmp_path / "limits.db", clock)
+    two = SqliteRateLimiter(tmp_path / "limits.db", clock)
+    for _ in range(3):
+        one.admit_request("k", rpm=6, tpm=100)
+        two.admit_request("k", rpm=6, tpm=100)
+    with pytest.raises(RateLimited):
+        one.admit_request("k", rpm=6, tpm=100)
+    two.settle_tokens("k", 100, 40)
+    assert one.state("k", 6, 100).remaining_tokens == 60
+
+
+def test_a_charge_refused_for_its_tokens_still_takes_its_request(
+    make_limiter: MakeLimiter,
+) -> None:
+    rl = make_limiter(FakeClock())
+    with pytest.raises(RateLimited, match="tokens"):
+        asyncio.run(rl.aadmit_charge("k", 5, 100, 80, ["a"], [30]))
+    state, blobs, charged = asyncio.run(rl.aadmit_charge("k", 5, 100, 60, ["a"], [10]))
+    assert (state.remaining_requests, state.remaining_tokens) == (3, 30)
+    assert blobs == [None] and charged == 70

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from litestar import Response, get
@@ -53,6 +54,9 @@ async def readyz(
         # Cluster mode: each shared backend's state. A backend down does not take the replica
         # out of rotation (every replica shares it; on_redis_down decides what requests get).
         body["backends"] = backends.health.states()
+    if backends.workers > 1:
+        # Which of the server.workers processes answered (each has its own models).
+        body["worker_pid"] = os.getpid()
     return Response(body, status_code=code, headers=headers)
 
 

@@ -92,6 +92,13 @@ class UploadGrant:
     expires: float
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 class Builds:
     def __init__(
         self, settings: Settings, registry: Registry, leases: Any = None, grants: Any = None
@@ -108,7 +115,13 @@ class Builds:
         self._turn = asyncio.Lock()
         self.export_available: Callable[[], bool] = export_installed  # injectable for tests
         # Zips and staging folders a previous run left behind (a crash, a kill) are garbage.
+        # With server.workers > 1 the folder is shared, and what another worker is receiving
+        # or building now is not: only what nobody touched for a whole build timeout goes.
+        shared = settings.server.workers > 1
+        oldest = time.time() - settings.models.build_timeout_seconds
         for stale in self.uploads.glob("*") if self.uploads.is_dir() else ():
+            if shared and _mtime(stale) > oldest:
+                continue
             if stale.is_dir():
                 discard(stale)
             else:

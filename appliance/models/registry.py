@@ -116,14 +116,16 @@ class Registry:
             "verified, opens at its first request," if lazy else "ready",
             took,
         )
-        streams = plan_streams(self.settings.runtime, manifest.task)[0]
+        workers = self.settings.server.workers  # each worker sizes to its share of the cores
+        streams = plan_streams(self.settings.runtime, manifest.task, workers)[0]
         return ModelEntry(
             slug, folder, "ready", "", manifest, runner, load_seconds=took, streams=streams
         )
 
     def _open(self, folder: Path, manifest: Manifest) -> Runner:
         """The model's session and runner, warmed up."""
-        threads = plan_streams(self.settings.runtime, manifest.task)[1]
+        workers = self.settings.server.workers
+        threads = plan_streams(self.settings.runtime, manifest.task, workers)[1]
         session = create_session(
             folder / manifest.files["model"].path,
             self.settings.runtime,

@@ -65,9 +65,16 @@ def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
 ARENA_TASKS = frozenset({"text-generation", "summarisation"})
 
 
-def plan_streams(config: RuntimeConfig, task: str) -> tuple[int, int]:
-    """(calls at once, onnxruntime intra-op threads per call) for a model of `task`."""
-    cores = usable_cores()
+def worker_cores(workers: int = 1) -> int:
+    """This process's share of the usable cores when `workers` processes serve together
+    (server.workers): each opens its own sessions, so each sizes them to cores // workers."""
+    return max(1, usable_cores() // max(1, workers))
+
+
+def plan_streams(config: RuntimeConfig, task: str, workers: int = 1) -> tuple[int, int]:
+    """(calls at once, onnxruntime intra-op threads per call) for a model of `task`, in one
+    of `workers` serving processes."""
+    cores = worker_cores(workers)
     streams = config.streams or (1 if task in ARENA_TASKS else cores)
     threads = config.intra_op_threads or max(1, cores // streams)
     return streams, threads
