@@ -188,3 +188,19 @@ def test_a_full_usage_queue_drops_and_counts(tmp_path: Path) -> None:
     for n in range(pending + 2):  # not started: nothing drains
         usage.record(Record(time.time(), "k", "POST /x", None, 200, 1.0, 0, False, f"r{n}"))
     assert usage.dropped == 2
+
+
+def test_the_spend_of_a_key_without_a_quota_is_committed_by_the_writer(tmp_path: Path) -> None:
+    usage = UsageLog(tmp_path / "usage.db", retention_days=1)
+    usage.start()
+    usage.reserve("free", None, 7)
+    usage.reserve("free", None, 5)
+    usage.reserve("capped", 100, 3)  # a quota: committed by the request itself
+    assert usage.spent("free") == 12  # counted at once
+    usage.stop()
+    again = UsageLog(tmp_path / "usage.db", retention_days=1)
+    again.start()
+    try:
+        assert again.spent("free") == 12 and again.spent("capped") == 3
+    finally:
+        again.stop()

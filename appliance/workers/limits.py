@@ -198,6 +198,9 @@ class SharedUsageLog(UsageLog):
         return int(row[0]) if row else 0
 
     def reserve(self, key_id: str, quota: int | None, tokens: int) -> None:
+        if quota is None:  # nothing to enforce: added with the writer's next batch
+            self._defer(key_id, tokens)
+            return
         with self._lock, immediate(self._tx()) as conn:
             row = conn.execute("SELECT tokens FROM spend WHERE key_id = ?", (key_id,)).fetchone()
             spent = int(row[0]) if row else 0
