@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.loadgen import Target, ensure_wrk, run_load
 from benchmarks.procs import Monitor, Server, free_port
-from benchmarks.texts import make_shapes, vocabulary_words
+from benchmarks.texts import short_single
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = "[limits]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n"
@@ -91,14 +91,7 @@ def measure(
 
     wrk = ensure_wrk()
     tool = "wrk" if wrk else "httpx"
-    from appliance.models.manifest import read_manifest
-
-    manifest = read_manifest(models_dir / model)
-    tokenizer = models_dir / model / manifest.files["tokenizer"].path
-    words = vocabulary_words(tokenizer)
-    shape = next(
-        s for s in make_shapes(tokenizer, words, manifest.max_tokens) if s.name == "short-single"
-    )
+    shape, words = short_single(models_dir, model)
     pg, redis = start_postgres(), start_redis()
     result: dict[str, Any] = {
         "concurrency": concurrency,

@@ -330,6 +330,31 @@ def cache_latency(system: HttpSystem, words: list[str], n: int = 40) -> dict[str
     }
 
 
+def measured_load(
+    system: HttpSystem,
+    shape: Shape,
+    words: list[str],
+    concurrency: int,
+    opts: Options,
+    tool: str,
+    wrk_path: str | None,
+    monitor: Monitor,
+) -> tuple[dict[str, Any], float, float]:
+    """One point's load: the generator's result, the wall seconds and the server's CPU
+    seconds (its process tree) over it."""
+    cpu0, t0 = monitor.cpu_seconds(), time.perf_counter()
+    res = run_load(
+        tool,
+        system.target,
+        shape,
+        words,
+        concurrency=concurrency,
+        duration=opts.point_seconds,
+        wrk_path=wrk_path,
+    )
+    return res, time.perf_counter() - t0, monitor.cpu_seconds() - cpu0
+
+
 def request_path(
     system: HttpSystem,
     words: list[str],
@@ -345,18 +370,7 @@ def request_path(
     run divided by the answers (all threads, so the usage and cache writers count too)."""
     shape = Shape("cache-hits", "short", 1, 1, 1, fixed="the request path alone, a cached text")
     run_load(tool, system.target, shape, words, concurrency=2, duration=1, wrk_path=wrk_path)
-    cpu0, t0 = monitor.cpu_seconds(), time.perf_counter()
-    res = run_load(
-        tool,
-        system.target,
-        shape,
-        words,
-        concurrency=concurrency,
-        duration=opts.point_seconds,
-        wrk_path=wrk_path,
-    )
-    wall = time.perf_counter() - t0
-    cpu = monitor.cpu_seconds() - cpu0
+    res, wall, cpu = measured_load(system, shape, words, concurrency, opts, tool, wrk_path, monitor)
     ok = res["requests"] - res["errors_status"]
     secs = res["duration_s"] or opts.point_seconds
     point = {
@@ -413,18 +427,7 @@ def drive(
                 points.append(point)
                 continue
             monitor.reset_peak()
-            cpu0, t0 = monitor.cpu_seconds(), time.perf_counter()
-            res = run_load(
-                tool,
-                system.target,
-                shape,
-                words,
-                concurrency=c,
-                duration=opts.point_seconds,
-                wrk_path=wrk_path,
-            )
-            wall = time.perf_counter() - t0
-            cpu = monitor.cpu_seconds() - cpu0
+            res, wall, cpu = measured_load(system, shape, words, c, opts, tool, wrk_path, monitor)
             secs = res["duration_s"] or opts.point_seconds
             ok = res["requests"] - res["errors_status"]
             texts_s = ok * shape.per_request / secs

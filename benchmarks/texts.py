@@ -100,3 +100,14 @@ def make_shapes(
             kind = "single" if per_request == 1 else "batch"
             out.append(Shape(f"{length}-{kind}", length, lo, hi, per_request, round(tokens, 1)))
     return out
+
+
+def short_single(models_dir: Path, model: str) -> tuple[Shape, list[str]]:
+    """The "short-single" shape of an exported model and the words it draws texts from."""
+    from appliance.models.manifest import read_manifest
+
+    manifest = read_manifest(models_dir / model)
+    tokenizer = models_dir / model / manifest.files["tokenizer"].path
+    words = vocabulary_words(tokenizer)
+    shapes = make_shapes(tokenizer, words, manifest.max_tokens)
+    return next(s for s in shapes if s.name == "short-single"), words

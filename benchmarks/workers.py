@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.loadgen import Target, ensure_wrk, run_load
 from benchmarks.procs import Monitor, Server, free_port
-from benchmarks.texts import Shape, make_shapes, vocabulary_words
+from benchmarks.texts import Shape, short_single
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = "[limits]\nrequests_per_minute = 100000000\ntokens_per_minute = 100000000000\n"
@@ -64,17 +64,11 @@ def _server(workers: int, run: Path, models_dir: Path) -> tuple[Server, str, str
 
 
 def measure(models_dir: Path, model: str, seconds: float, rounds: int) -> dict[str, Any]:
-    from appliance.models.manifest import read_manifest
     from appliance.runtime.session import usable_cores
 
     wrk = ensure_wrk()
     tool = "wrk" if wrk else "httpx"
-    manifest = read_manifest(models_dir / model)
-    tokenizer = models_dir / model / manifest.files["tokenizer"].path
-    words = vocabulary_words(tokenizer)
-    short = next(
-        s for s in make_shapes(tokenizer, words, manifest.max_tokens) if s.name == "short-single"
-    )
+    short, words = short_single(models_dir, model)
     shapes = {"misses": (short, words), "hits": (HIT_SHAPE, ["hello"])}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         f"workers{w}": {load: [] for load in LOADS} for w in (1, 2)
