@@ -15,8 +15,9 @@ import time
 from typing import Any
 
 from appliance.cluster.redis_client import ERRORS, RedisBackend
-from appliance.errors import BackendUnavailable, InsufficientBalance
+from appliance.errors import BackendUnavailable
 from appliance.gateway.ratelimit import LimitState, refuse
+from appliance.gateway.usage import quota_exhausted
 
 # KEYS: requests bucket, tokens bucket, then (optional) response-cache entries. ARGV: rpm,
 # tpm, requests to take, tokens to take, force (1: settle, take without checking), then one
@@ -249,11 +250,7 @@ class RedisSpend:
                 self.backend.call(self.backend.client.set, self._key(key_id), total, nx=True)
                 continue
             if status == 1:
-                raise InsufficientBalance(
-                    f"Token quota exhausted: {spent} of {quota} tokens spent; this request "
-                    f"needs {tokens}.",
-                    details={"token_quota": quota, "spent": int(spent), "needed": tokens},
-                )
+                raise quota_exhausted(spent, quota, tokens)
             return int(spent)
         raise BackendUnavailable("The quota counter could not be seeded.", retry_after=2)
 

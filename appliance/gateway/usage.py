@@ -20,7 +20,14 @@ from appliance.errors import InsufficientBalance
 
 log = logging.getLogger("appliance.usage")
 
-SCHEMA = """
+SPEND_TABLE = "CREATE TABLE IF NOT EXISTS spend (key_id TEXT PRIMARY KEY, tokens INTEGER NOT NULL)"
+"""Per-key token spend (quotas), in usage.db beside the request records."""
+ADD_SPEND = (
+    "INSERT INTO spend (key_id, tokens) VALUES (?, ?) "
+    "ON CONFLICT(key_id) DO UPDATE SET tokens = tokens + excluded.tokens"
+)
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
@@ -35,7 +42,7 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_id, ts);
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
-CREATE TABLE IF NOT EXISTS spend (key_id TEXT PRIMARY KEY, tokens INTEGER NOT NULL);
+{SPEND_TABLE};
 """
 
 
@@ -50,6 +57,14 @@ class Record:
     tokens: int
     cached: bool
     request_id: str | None
+
+
+def quota_exhausted(spent: int, quota: int, tokens: int) -> InsufficientBalance:
+    """The 402 of a request whose `tokens` do not fit in what is left of `quota`."""
+    return InsufficientBalance(
+        f"Token quota exhausted: {spent} of {quota} tokens spent; this request needs {tokens}.",
+        details={"token_quota": quota, "spent": int(spent), "needed": tokens},
+    )
 
 
 def usage_rows(rows: list[Any]) -> list[dict[str, Any]]:
@@ -179,11 +194,7 @@ class UsageLog:
                 deferred, self._deferred = self._deferred, {}
             try:
                 if deferred:
-                    conn.executemany(
-                        "INSERT INTO spend (key_id, tokens) VALUES (?, ?) ON CONFLICT(key_id) "
-                        "DO UPDATE SET tokens = tokens + excluded.tokens",
-                        list(deferred.items()),
-                    )
+                    conn.executemany(ADD_SPEND, list(deferred.items()))
                     conn.commit()
                 self._write(conn, batch)
                 if time.time() - last_prune > 3600:
@@ -221,7 +232,7 @@ class UsageLog:
                     r.tokens,
                     r.cached,
                     r.request_id,
-                )  # fmt: skip
+                )
                 for r in batch
             ],
         )
@@ -260,12 +271,8 @@ class UsageLog:
             return
         with self._lock:
             spent = self._spent.get(key_id, 0)
-            if quota is not None and spent + tokens > quota:
-                raise InsufficientBalance(
-                    f"Token quota exhausted: {spent} of {quota} tokens spent; this request "
-                    f"needs {tokens}.",
-                    details={"token_quota": quota, "spent": spent, "needed": tokens},
-                )
+            if spent + tokens > quota:
+                raise quota_exhausted(spent, quota, tokens)
             self._spent[key_id] = spent + tokens
             self._charge(key_id, tokens)
 
@@ -294,11 +301,7 @@ class UsageLog:
         if self._spend_conn is None or not tokens:
             return
         try:
-            self._spend_conn.execute(
-                "INSERT INTO spend (key_id, tokens) VALUES (?, ?) "
-                "ON CONFLICT(key_id) DO UPDATE SET tokens = tokens + excluded.tokens",
-                (key_id, tokens),
-            )
+            self._spend_conn.execute(ADD_SPEND, (key_id, tokens))
             self._spend_conn.commit()
         except sqlite3.Error as exc:  # the in-memory count still holds the quota this run
             log.warning("spend write failed for %s: %s", key_id, exc)

@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.errors import InsufficientBalance, RateLimited
+from appliance.errors import RateLimited
 from appliance.gateway.ratelimit import Clock, LimitState, RateLimiter, TokenBucket
-from appliance.gateway.usage import UsageLog
+from appliance.gateway.usage import ADD_SPEND, SPEND_TABLE, UsageLog, quota_exhausted
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -182,10 +182,7 @@ class SharedUsageLog(UsageLog):
         if conn is None:  # before start / after stop: open on demand (tests, CLI)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._spend_tx = connect(self.path, durable=True)
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS spend (key_id TEXT PRIMARY KEY, "
-                "tokens INTEGER NOT NULL)"
-            )
+            conn.execute(SPEND_TABLE)
         return conn
 
     def spent(self, key_id: str) -> int:
@@ -204,12 +201,8 @@ class SharedUsageLog(UsageLog):
         with self._lock, immediate(self._tx()) as conn:
             row = conn.execute("SELECT tokens FROM spend WHERE key_id = ?", (key_id,)).fetchone()
             spent = int(row[0]) if row else 0
-            if quota is not None and spent + tokens > quota:
-                raise InsufficientBalance(
-                    f"Token quota exhausted: {spent} of {quota} tokens spent; this request "
-                    f"needs {tokens}.",
-                    details={"token_quota": quota, "spent": spent, "needed": tokens},
-                )
+            if spent + tokens > quota:
+                raise quota_exhausted(spent, quota, tokens)
             self._add(conn, key_id, tokens)
 
     def refund(self, key_id: str, tokens: int, quota: int | None = None) -> None:
@@ -219,8 +212,4 @@ class SharedUsageLog(UsageLog):
 
     @staticmethod
     def _add(conn: sqlite3.Connection, key_id: str, tokens: int) -> None:
-        conn.execute(
-            "INSERT INTO spend (key_id, tokens) VALUES (?, ?) "
-            "ON CONFLICT(key_id) DO UPDATE SET tokens = tokens + excluded.tokens",
-            (key_id, tokens),
-        )
+        conn.execute(ADD_SPEND, (key_id, tokens))
