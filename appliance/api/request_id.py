@@ -13,6 +13,8 @@ import uuid
 
 from litestar.types import Scope
 
+from appliance.headers import request_header
+
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PREFIX = str(uuid.uuid4())[:24]  # 8-4-4-4- of a random UUID
 _COUNTER = itertools.count(1)
@@ -27,10 +29,6 @@ def ensure_request_id(scope: Scope) -> str:
     state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
     request_id = state.get("request_id")
     if request_id is None:
-        sent = ""
-        for name, value in scope.get("headers", ()):  # ASGI header names are lower case
-            if name == b"x-request-id":
-                sent = value.decode("latin-1")
-                break
+        sent = request_header(scope, b"x-request-id")
         request_id = state["request_id"] = sent if _CLIENT_ID.match(sent) else new_request_id()
     return request_id

@@ -15,7 +15,8 @@ from litestar import Request, Response
 from litestar.serialization import encode_json
 from litestar.types import Receive, Scope, Send
 
-from appliance.gateway.auth import current_key, request_header
+from appliance.gateway.auth import current_key
+from appliance.headers import request_header
 from appliance.inference import Call, Outcome
 
 

@@ -18,15 +18,6 @@ from appliance.errors import Forbidden, Unauthorized
 from appliance.gateway.keys import ApiKey, KeyStore
 
 
-def request_header(scope: Any, name: bytes, default: str = "") -> str:
-    """The first value of header `name` (lower case, as ASGI gives names), read from the raw
-    pairs: litestar's `headers` view decodes every header of the request to build itself."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")  # type: ignore[no-any-return]
-    return default
-
-
 def presented_secret(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     """A request is judged by the credential it presents first: `Authorization` when it has
     one (anything but a non-empty Bearer value fails), else `x-api-key`. A bad Authorization
