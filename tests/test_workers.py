@@ -197,10 +197,9 @@ def test_a_classifier_saved_via_one_worker_is_usable_via_all(workers: Workers) -
     assert httpx.post(f"{workers.url}/v1/classifiers", json=spec, headers=auth).status_code == 409
 
 
-def test_a_job_runs_once_and_every_worker_answers_its_status(workers: Workers) -> None:
-    _, auth = workers.key()
-    lines = 200
-    body = b"".join(b'{"text": "job line %d"}\n' % i for i in range(lines))
+def start_job(workers: Workers, auth: dict[str, str], lines: int, text: str) -> str:
+    """A batch job of `lines` embedding lines ("<text> N"), created and started; its id."""
+    body = b"".join(b'{"text": "%s %d"}\n' % (text.encode(), i) for i in range(lines))
     created = httpx.post(
         f"{workers.url}/v1/batch",
         params={"endpoint": EMBED},
@@ -208,9 +207,16 @@ def test_a_job_runs_once_and_every_worker_answers_its_status(workers: Workers) -
         headers={**auth, "Content-Type": "application/x-ndjson"},
     )
     assert created.status_code == 201, created.text
-    job_id = created.json()["id"]
+    job_id: str = created.json()["id"]
     started = httpx.post(f"{workers.url}/v1/batch/{job_id}/start", headers=auth)
     assert started.status_code == 200, started.text
+    return job_id
+
+
+def test_a_job_runs_once_and_every_worker_answers_its_status(workers: Workers) -> None:
+    _, auth = workers.key()
+    lines = 200
+    job_id = start_job(workers, auth, lines, "job line")
     deadline = time.monotonic() + 30
     while True:
         views = at_once(8, lambda i: httpx.get(f"{workers.url}/v1/batch/{job_id}", headers=auth))
@@ -242,15 +248,7 @@ def test_a_job_whose_worker_dies_is_taken_over_and_still_gives_every_line_once(
 ) -> None:
     _, auth = workers.key()
     lines = 4000
-    body = b"".join(b'{"text": "long job line %d"}\n' % i for i in range(lines))
-    created = httpx.post(
-        f"{workers.url}/v1/batch",
-        params={"endpoint": EMBED},
-        content=body,
-        headers={**auth, "Content-Type": "application/x-ndjson"},
-    )
-    job_id = created.json()["id"]
-    assert httpx.post(f"{workers.url}/v1/batch/{job_id}/start", headers=auth).status_code == 200
+    job_id = start_job(workers, auth, lines, "long job line")
     lock = workers.data / "workers" / "locks" / f"job_leases-{job_id}.lock"
     holder = lock_holder(lock)
     assert holder is not None and holder in workers.pids(2)
