@@ -1,18 +1,15 @@
 """Upload-URL grants (POST /upload-url) in PostgreSQL: a URL issued by one replica may be
-PUT to any other. Only the token's SHA-256 is stored; redeeming deletes the row in the same
-statement, so a URL works once even when two replicas receive it at once."""
+PUT to any other. Only the token's SHA-256 is stored (as a key's secret is); redeeming
+deletes the row in the same statement, so a URL works once even when two replicas receive
+it at once."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
 from appliance.cluster.database import Database
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+from appliance.gateway.keys import hash_secret
 
 
 class PgGrants:
@@ -25,7 +22,7 @@ class PgGrants:
             conn.execute(
                 "INSERT INTO upload_grants (token_hash, slug, task, expires_at) "
                 "VALUES (%s, %s, %s, %s)",
-                (_hash(token), slug, task, expires),
+                (hash_secret(token), slug, task, expires),
             )
 
     def take(self, token: str) -> tuple[Any, ...] | None:
@@ -34,6 +31,6 @@ class PgGrants:
             row = conn.execute(
                 "DELETE FROM upload_grants WHERE token_hash = %s AND expires_at >= %s "
                 "RETURNING slug, task, expires_at",
-                (_hash(token), time.time()),
+                (hash_secret(token), time.time()),
             ).fetchone()
         return row

@@ -16,7 +16,6 @@ replicas, with data_dir standing in for PostgreSQL and Redis:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import Any
 from appliance.backends import Backends
 from appliance.classifiers import ClassifierStore
 from appliance.config import Settings
-from appliance.gateway.keys import KeyStore
+from appliance.gateway.keys import KeyStore, hash_secret
 from appliance.pipelines import LocalPipelineStore
 from appliance.workers.limits import SharedUsageLog, SqliteRateLimiter, connect, immediate
 
@@ -64,7 +63,7 @@ class SqliteShared:
             conn.execute(
                 "INSERT INTO upload_grants (token_hash, slug, task, expires_at) "
                 "VALUES (?, ?, ?, ?)",
-                (_hash(token), slug, task, expires),
+                (hash_secret(token), slug, task, expires),
             )
 
     def take(self, token: str) -> tuple[Any, ...] | None:
@@ -74,7 +73,7 @@ class SqliteShared:
             return conn.execute(
                 "DELETE FROM upload_grants WHERE token_hash = ? AND expires_at >= ? "
                 "RETURNING slug, task, expires_at",
-                (_hash(token), time.time()),
+                (hash_secret(token), time.time()),
             ).fetchone()
 
     # ---- secrets (the SharedSecrets interface) ---------------------------------------------
@@ -92,10 +91,6 @@ class SqliteShared:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
