@@ -37,9 +37,11 @@ class Observer:
 
     def __init__(self, usage: UsageLog, metrics: Metrics, access: AccessLog) -> None:
         self.usage, self.metrics, self.access = usage, metrics, access
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._tokens: dict[str, Any] = {}
+        # The metrics' children by label values: `labels()` looked up per request showed in
+        # the profile.
+        self._requests: dict[tuple[str, ...], Any] = {}
+        self._durations: dict[tuple[str, ...], Any] = {}
+        self._tokens: dict[tuple[str, ...], Any] = {}
 
     def __call__(self, scope: Scope, status: int, seconds: float) -> None:
         state = scope.get("state", {})
@@ -67,22 +69,12 @@ class Observer:
             )
         )
         m = self.metrics
-        labels = (endpoint, model or "", str(status))
-        counter = self._requests.get(labels)
-        if counter is None:
-            counter = self._requests[labels] = m.requests.labels(*labels)
-        counter.inc()
-        duration = self._durations.get(endpoint)
-        if duration is None:
-            duration = self._durations[endpoint] = m.request_duration.labels(endpoint)
-        duration.observe(seconds)
+        _child(self._requests, m.requests, endpoint, model or "", str(status)).inc()
+        _child(self._durations, m.request_duration, endpoint).observe(seconds)
         if status == 429:
             m.rate_limited.inc()
         if model and tokens:
-            charged = self._tokens.get(model)
-            if charged is None:
-                charged = self._tokens[model] = m.tokens.labels(model)
-            charged.inc(tokens)
+            _child(self._tokens, m.tokens, model).inc(tokens)
         if cache == "HIT":
             m.cache_hits.inc()
         elif cache == "MISS":
@@ -100,6 +92,13 @@ class Observer:
                 "cache": cache,
             }
         )
+
+
+def _child(children: dict[tuple[str, ...], Any], metric: Any, *labels: str) -> Any:
+    child = children.get(labels)
+    if child is None:
+        child = children[labels] = metric.labels(*labels)
+    return child
 
 
 def request_middleware(observe: Observer) -> Any:
