@@ -119,7 +119,7 @@ def create_app(
     backends = open_backends(settings, metrics)  # files, or PostgreSQL + Redis: chosen once
     keys = keys or backends.keys
     usage, classifiers = backends.usage, backends.classifiers
-    registry = Registry(settings, metrics)
+    registry = Registry(settings, metrics, alone=lifecycle.alone)
     metrics.watch_models(registry.entries)
     metrics.watch_usage(lambda: usage.dropped)
     cache = ResponseCache(

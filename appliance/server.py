@@ -47,6 +47,13 @@ def _config(settings: Settings, lifecycle: Lifecycle) -> uvicorn.Config:
     )
 
 
+def _server(settings: Settings, lifecycle: Lifecycle) -> _Server:
+    server = _Server(_config(settings, lifecycle), lifecycle)
+    lifecycle.connections = server.server_state.connections
+    lifecycle.requests = server.server_state.tasks
+    return server
+
+
 def run(settings: Settings) -> None:
     """One process serving (server.workers > 1 goes to appliance.workers.supervisor)."""
     log.info(
@@ -58,11 +65,11 @@ def run(settings: Settings) -> None:
     )
     limit_malloc_arenas()
     lifecycle = Lifecycle()
-    _Server(_config(settings, lifecycle), lifecycle).run()
+    _server(settings, lifecycle).run()
 
 
 def serve_worker(settings: Settings, sock: socket.socket) -> None:
     """One of server.workers processes: the same server on its own SO_REUSEPORT socket."""
     limit_malloc_arenas()
     lifecycle = Lifecycle()
-    _Server(_config(settings, lifecycle), lifecycle).run(sockets=[sock])
+    _server(settings, lifecycle).run(sockets=[sock])

@@ -204,3 +204,70 @@ def test_the_spend_of_a_key_without_a_quota_is_committed_by_the_writer(tmp_path:
         assert again.spent("free") == 12 and again.spent("capped") == 3
     finally:
         again.stop()
+
+
+def test_the_server_counts_its_requests_for_a_lone_requests_inline_model_call(
+    tmp_path: Path,
+) -> None:
+    from appliance.lifecycle import Lifecycle
+    from appliance.server import _server
+    from tests.conftest import make_settings
+
+    assert not Lifecycle().alone()  # served by something else: never inline
+    lifecycle = Lifecycle()
+    server = _server(make_settings(tmp_path / "data", tmp_path / "models"), lifecycle)
+    assert lifecycle.requests is server.server_state.tasks
+    assert lifecycle.connections is server.server_state.connections
+
+    # What the batcher asks, seen from inside requests: one client with one request is
+    # alone; a second client's connection, or its request in progress, is not.
+    seen: list[bool] = []
+    release = asyncio.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return
+        await receive()
+        loops.append(asyncio.get_running_loop())
+        seen.append(lifecycle.alone())
+        if scope["path"] == "/hold":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = _free_port()
+    plain = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, http=CorkedHttpToolsProtocol, log_config=None
+        )
+    )
+    lifecycle.connections = plain.server_state.connections
+    lifecycle.requests = plain.server_state.tasks
+    thread = threading.Thread(target=plain.run, daemon=True)
+    thread.start()
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 10
+        while not plain.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base) as one, httpx.Client(base_url=base) as other:
+            assert one.post("/x").status_code == 200
+            assert one.post("/x").status_code == 200  # the same kept-alive connection
+            assert other.post("/x").status_code == 200  # `one` is still connected
+        while plain.server_state.connections and time.monotonic() < deadline:
+            time.sleep(0.01)  # both clients' closes reach the server
+        holder = threading.Thread(target=httpx.post, args=(f"{base}/hold",), daemon=True)
+        holder.start()
+        while len(seen) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with httpx.Client(base_url=base) as client:
+            assert client.post("/x").status_code == 200  # while /hold is unanswered
+        loops[0].call_soon_threadsafe(release.set)
+        holder.join(10)
+        assert seen == [True, True, False, True, False]
+    finally:
+        plain.should_exit = True
+        thread.join(timeout=10)

@@ -194,3 +194,42 @@ def test_idle_model_threads_hand_freed_memory_back(monkeypatch: pytest.MonkeyPat
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads() -> None:
+    class ThreadRecorder(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads: list[str] = []
+
+        def __call__(self, items: list[int]) -> list[int]:
+            self.threads.append(threading.current_thread().name)
+            return super().__call__(items)
+
+    async def main() -> None:
+        in_flight = [1]
+        model = ThreadRecorder()
+        observed: list[tuple[int, float]] = []
+        b = Batcher(
+            model,
+            name="t",
+            max_batch_size=8,
+            max_batch_tokens=10_000,
+            max_wait_s=0.0,
+            max_queue=100,
+            observe=lambda n, waits, took: observed.append((n, took)),
+            alone=lambda: in_flight[0] <= 1,
+        )
+        b.start()
+        loop_thread = threading.current_thread().name
+        assert await b.submit([1], [10]) == [2]  # alone, small: on the loop, metrics kept
+        assert model.threads == [loop_thread] and observed[0][0] == 1
+        assert await b.submit([2], [65]) == [4]  # over INLINE_TOKENS: a model thread
+        in_flight[0] = 2
+        assert await b.submit([3], [10]) == [6]  # another request in flight: a model thread
+        in_flight[0] = 1
+        assert await b.submit([4], [1], priority=10) == [8]  # a job's line: a model thread
+        assert model.threads[1:] == ["model-t_0"] * 3
+        await b.stop()
+
+    asyncio.run(main())

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,16 @@ def _version(folder: Path) -> tuple[int, int, int] | None:
 
 
 class Registry:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        alone: Callable[[], bool] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._alone = alone  # the app answers one request at most (see Batcher)
         self.models_dir = settings.models_path
         self.aliases = dict(settings.aliases)
         self.endpoint_aliases = {k: dict(v) for k, v in settings.endpoint_aliases.items()}
@@ -197,6 +205,7 @@ class Registry:
             max_queue=rt.max_queue,
             observe=self.metrics.batch_observer(entry.slug) if self.metrics else None,
             streams=entry.streams,
+            alone=self._alone if entry.runner.ONE_PASS else None,
         )
         entry.batcher.start()
 

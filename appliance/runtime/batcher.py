@@ -13,6 +13,11 @@ time, so a batch is never split between two calls.
 Work has a priority: real-time requests (REALTIME) go before batch jobs (BACKGROUND), and a
 batch never mixes priorities, so a real-time request waits at most for the model call that is
 already running, never behind queued job lines.
+
+A lone request's small call runs on the event loop itself: when the app answers no other
+request (`alone`), the model is idle and nothing is queued, handing a call of at most
+INLINE_TOKENS to a model thread and back only adds latency (two thread wake-ups, ~0.3 ms of
+a 1-2 ms call for a short text on the 2-core test machine); nothing else waits meanwhile.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ REALTIME = 0
 BACKGROUND = 10
 """Priority of a batch job's lines: served when no real-time work is queued."""
 
+INLINE_TOKENS = 64
+"""A lone request's call of at most this many tokens runs on the event loop (see above):
+a few milliseconds at most, in which no other request is being answered."""
+
 
 @dataclass(slots=True)
 class _Pending(Generic[T]):
@@ -62,7 +71,9 @@ class Batcher(Generic[T, R]):
         max_queue: int,
         observe: Callable[[int, list[float], float], None] | None = None,
         streams: int = 1,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
+        self._alone = alone  # no other request is being answered (None: never inline)
         self._run_batch = run_batch
         self._observe = observe  # (items, seconds each waited, seconds the call took)
         self.name = name
@@ -130,6 +141,16 @@ class Batcher(Generic[T, R]):
                 f"Model {self.name} has {self._queue.qsize()} items queued; retry shortly.",
                 retry_after=1,
             )
+        if (
+            self._alone is not None
+            and priority == REALTIME
+            and not self._running
+            and self._carry is None
+            and self._queue.empty()
+            and sum(costs) <= INLINE_TOKENS
+            and self._alone()
+        ):
+            return self._run_inline(items)
         loop = asyncio.get_running_loop()
         pending = [
             _Pending(item, cost, loop.create_future(), priority=priority)
@@ -145,6 +166,19 @@ class Batcher(Generic[T, R]):
             for p in pending:
                 p.future.cancel()  # left in the queue, skipped by the worker
             raise
+
+    def _run_inline(self, items: Sequence[T]) -> list[R]:
+        started = time.perf_counter()
+        try:
+            results = list(self._run_batch(list(items)))
+        except Exception:
+            log.exception("model %s: batch of %d failed", self.name, len(items))
+            raise
+        if self._observe is not None:
+            self._observe(len(items), [0.0] * len(items), time.perf_counter() - started)
+        if memory.trim_due():
+            asyncio.get_running_loop().run_in_executor(None, memory.release_free_memory)
+        return results
 
     async def _next_batch(self) -> list[_Pending[T]]:
         if self._carry is not None:

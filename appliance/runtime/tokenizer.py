@@ -43,8 +43,14 @@ class TextTokenizer:
         self.pad_token_id = pad_token_id
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[Encoded]:
-        inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
-        encodings = self._tok.encode_batch(inputs)  # type: ignore[arg-type]
+        if len(texts) == 1:
+            # One text, most requests: `encode` skips encode_batch's hand-off to its thread
+            # pool and back (a third of the call for a short text) and keeps the GIL, which
+            # the event loop would otherwise have to win back from the model threads.
+            encodings = [self._tok.encode(texts[0], pairs[0] if pairs is not None else None)]
+        else:
+            inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
+            encodings = self._tok.encode_batch(inputs)  # type: ignore[arg-type]
         return [
             Encoded(ids=e.ids, type_ids=e.type_ids, truncated=bool(e.overflowing))
             for e in encodings

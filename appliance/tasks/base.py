@@ -32,6 +32,10 @@ class ItemResult:
 
 class Runner(ABC, Generic[In, Prep, Raw]):
     task: ClassVar[str]
+    ONE_PASS: ClassVar[bool] = False
+    """A call is one forward pass whose time follows its tokens (`cost`): a lone request's
+    small call may run on the event loop (appliance.runtime.batcher). Not for decoders (a
+    call is a whole generation), images or custom models (cost says nothing of the time)."""
 
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
         self.folder = folder
@@ -88,6 +92,8 @@ def require_text(payload: Any, field: str = "text") -> str:
 
 class TextEncoderRunner(Runner[str, Encoded, Raw]):
     """Shared by encoder tasks whose input is one text: tokenise, pad per batch, run."""
+
+    ONE_PASS = True
 
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
         super().__init__(folder, manifest, session)

@@ -101,6 +101,7 @@ def best_answer(
 
 class QuestionAnsweringRunner(Runner[QaInput, QaItem, list[tuple[np.ndarray, np.ndarray]]]):
     task = "question-answering"
+    ONE_PASS = True  # one encoder pass over the windows
 
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
         super().__init__(folder, manifest, session)
