@@ -231,6 +231,13 @@ def test_the_server_counts_its_requests_for_a_lone_requests_inline_model_call(
         await receive()
         loops.append(asyncio.get_running_loop())
         seen.append(lifecycle.alone())
+
+        async def step() -> bool:
+            return lifecycle.alone()
+
+        # A call from a task of the request's own (a pipeline's steps run at once) is not
+        # the request's: its sibling would wait behind it on the loop.
+        assert not await asyncio.create_task(step())
         if scope["path"] == "/hold":
             await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})

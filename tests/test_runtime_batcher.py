@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -196,16 +197,21 @@ def test_idle_model_threads_hand_freed_memory_back(monkeypatch: pytest.MonkeyPat
     asyncio.run(main())
 
 
+class ThreadRecorder(Recorder):
+    """Records the thread each call ran on; each call takes `seconds`."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.seconds = seconds
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return super().__call__(items)
+
+
 def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads() -> None:
-    class ThreadRecorder(Recorder):
-        def __init__(self) -> None:
-            super().__init__()
-            self.threads: list[str] = []
-
-        def __call__(self, items: list[int]) -> list[int]:
-            self.threads.append(threading.current_thread().name)
-            return super().__call__(items)
-
     async def main() -> None:
         in_flight = [1]
         model = ThreadRecorder()
@@ -222,14 +228,31 @@ def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads
         )
         b.start()
         loop_thread = threading.current_thread().name
-        assert await b.submit([1], [10]) == [2]  # alone, small: on the loop, metrics kept
-        assert model.threads == [loop_thread] and observed[0][0] == 1
+        assert await b.submit([0], [10]) == [0]  # how long small calls take: not known yet
+        assert await b.submit([1], [10]) == [2]  # alone, small, fast: on the loop
+        assert model.threads == ["model-t_0", loop_thread] and [n for n, _ in observed] == [1, 1]
         assert await b.submit([2], [65]) == [4]  # over INLINE_TOKENS: a model thread
         in_flight[0] = 2
         assert await b.submit([3], [10]) == [6]  # another request in flight: a model thread
         in_flight[0] = 1
         assert await b.submit([4], [1], priority=10) == [8]  # a job's line: a model thread
-        assert model.threads[1:] == ["model-t_0"] * 3
+        assert model.threads[2:] == ["model-t_0"] * 3
+        await b.stop()
+
+        slow = ThreadRecorder(seconds=0.02)  # small calls slower than INLINE_SECONDS
+        b = Batcher(
+            slow,
+            name="slow",
+            max_batch_size=8,
+            max_batch_tokens=10_000,
+            max_wait_s=0.0,
+            max_queue=100,
+            alone=lambda: True,
+        )
+        b.start()
+        for i in range(3):
+            assert await b.submit([i], [5]) == [2 * i]
+        assert slow.threads == ["model-slow_0"] * 3
         await b.stop()
 
     asyncio.run(main())

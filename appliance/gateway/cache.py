@@ -85,7 +85,8 @@ MAX_QUEUED = 10_000
 """Entries waiting for the writer, at most; past it new answers go uncached (a stuck disk)."""
 
 WRITE_INTERVAL = 0.05
-"""Seconds the writer gathers answers for before it commits them in one transaction."""
+"""Seconds the writer gathers answers for before it commits them in one transaction (this
+process reads them at once; other workers and replicas see them that much later)."""
 
 
 class _Memory:

@@ -14,10 +14,13 @@ Work has a priority: real-time requests (REALTIME) go before batch jobs (BACKGRO
 batch never mixes priorities, so a real-time request waits at most for the model call that is
 already running, never behind queued job lines.
 
-A lone request's small call runs on the event loop itself: when the app answers no other
+A lone request's small call runs on the event loop itself: when the server answers no other
 request (`alone`), the model is idle and nothing is queued, handing a call of at most
 INLINE_TOKENS to a model thread and back only adds latency (two thread wake-ups, ~0.3 ms of
 a 1-2 ms call for a short text on the 2-core test machine); nothing else waits meanwhile.
+Only while this model's small calls take at most INLINE_SECONDS (a moving average of every
+such call, either way): tokens alone do not bound the time (a 24-layer model, pairs padded
+to the longest one), and the loop must not stop for longer.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ BACKGROUND = 10
 """Priority of a batch job's lines: served when no real-time work is queued."""
 
 INLINE_TOKENS = 64
-"""A lone request's call of at most this many tokens runs on the event loop (see above):
-a few milliseconds at most, in which no other request is being answered."""
+"""A lone request's call of at most this many tokens may run on the event loop (see above)."""
+INLINE_SECONDS = 0.005
+"""... while such calls of this model take at most this long on average."""
 
 
 @dataclass(slots=True)
@@ -74,6 +78,7 @@ class Batcher(Generic[T, R]):
         alone: Callable[[], bool] | None = None,
     ) -> None:
         self._alone = alone  # no other request is being answered (None: never inline)
+        self._small_call_s: float | None = None  # moving average, calls <= INLINE_TOKENS
         self._run_batch = run_batch
         self._observe = observe  # (items, seconds each waited, seconds the call took)
         self.name = name
@@ -148,6 +153,8 @@ class Batcher(Generic[T, R]):
             and self._carry is None
             and self._queue.empty()
             and sum(costs) <= INLINE_TOKENS
+            and self._small_call_s is not None
+            and self._small_call_s <= INLINE_SECONDS
             and self._alone()
         ):
             return self._run_inline(items)
@@ -174,11 +181,17 @@ class Batcher(Generic[T, R]):
         except Exception:
             log.exception("model %s: batch of %d failed", self.name, len(items))
             raise
+        took = time.perf_counter() - started
+        self._time_small(took)
         if self._observe is not None:
-            self._observe(len(items), [0.0] * len(items), time.perf_counter() - started)
+            self._observe(len(items), [0.0] * len(items), took)
         if memory.trim_due():
             asyncio.get_running_loop().run_in_executor(None, memory.release_free_memory)
         return results
+
+    def _time_small(self, seconds: float) -> None:
+        last = self._small_call_s
+        self._small_call_s = seconds if last is None else 0.8 * last + 0.2 * seconds
 
     async def _next_batch(self) -> list[_Pending[T]]:
         if self._carry is not None:
@@ -241,8 +254,10 @@ class Batcher(Generic[T, R]):
                 continue
             finally:
                 self._running -= 1
+            took = time.perf_counter() - started
+            if sum(p.cost for p in batch) <= INLINE_TOKENS:
+                self._time_small(took)
             if self._observe is not None:
-                took = time.perf_counter() - started
                 self._observe(len(batch), [started - p.enqueued for p in batch], took)
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():

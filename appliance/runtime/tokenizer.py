@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+SHORT_CHARS = 4096
+"""Texts up to this long are tokenised holding the GIL (microseconds; see encode)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
@@ -43,10 +46,11 @@ class TextTokenizer:
         self.pad_token_id = pad_token_id
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[Encoded]:
-        if len(texts) == 1:
-            # One text, most requests: `encode` skips encode_batch's hand-off to its thread
-            # pool and back (a third of the call for a short text) and keeps the GIL, which
-            # the event loop would otherwise have to win back from the model threads.
+        if len(texts) == 1 and len(texts[0]) + len(pairs[0] if pairs else "") <= SHORT_CHARS:
+            # One short text, most requests: `encode` skips encode_batch's hand-off to its
+            # thread pool and back (a third of the call for a short text). It holds the GIL
+            # throughout, so a long text goes to encode_batch, which lets it go: encode
+            # stalled every other thread for the whole of a 1 MB text (~0.6 s).
             encodings = [self._tok.encode(texts[0], pairs[0] if pairs is not None else None)]
         else:
             inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
