@@ -4,12 +4,15 @@ log's time-batched writer (a reader sees its writes)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -125,6 +128,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def _serving(app: Any) -> Iterator[tuple[uvicorn.Server, str]]:
+    """`app` under uvicorn with the corked protocol on a thread: (server, base URL)."""
+    port = _free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=CorkedHttpToolsProtocol, log_config=None
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_uvicorn_serves_keep_alive_and_streams_through_the_corked_protocol() -> None:
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] != "http":
@@ -142,28 +165,14 @@ def test_uvicorn_serves_keep_alive_and_streams_through_the_corked_protocol() -> 
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    port = _free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, http=CorkedHttpToolsProtocol, log_config=None
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        import httpx
+    import httpx
 
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-            for _ in range(20):  # one kept-alive connection, answer after answer
-                r = client.post("/x", content=b"{}")
-                assert r.status_code == 200 and r.json() == {"ok": True}
-            r = client.get("/stream")
-            assert r.text == "abc" and r.headers["transfer-encoding"] == "chunked"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with _serving(app) as (_, base), httpx.Client(base_url=base) as client:
+        for _ in range(20):  # one kept-alive connection, answer after answer
+            r = client.post("/x", content=b"{}")
+            assert r.status_code == 200 and r.json() == {"ok": True}
+        r = client.get("/stream")
+        assert r.text == "abc" and r.headers["transfer-encoding"] == "chunked"
 
 
 def test_a_reader_sees_the_records_accepted_before_it(tmp_path: Path) -> None:
@@ -243,23 +252,12 @@ def test_the_server_counts_its_requests_for_a_lone_requests_inline_model_call(
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    port = _free_port()
-    plain = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, http=CorkedHttpToolsProtocol, log_config=None
-        )
-    )
-    lifecycle.connections = plain.server_state.connections
-    lifecycle.requests = plain.server_state.tasks
-    thread = threading.Thread(target=plain.run, daemon=True)
-    thread.start()
-    try:
-        import httpx
+    import httpx
 
+    with _serving(app) as (plain, base):
+        lifecycle.connections = plain.server_state.connections
+        lifecycle.requests = plain.server_state.tasks
         deadline = time.monotonic() + 10
-        while not plain.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base) as one, httpx.Client(base_url=base) as other:
             assert one.post("/x").status_code == 200
             assert one.post("/x").status_code == 200  # the same kept-alive connection
@@ -275,6 +273,3 @@ def test_the_server_counts_its_requests_for_a_lone_requests_inline_model_call(
         loops[0].call_soon_threadsafe(release.set)
         holder.join(10)
         assert seen == [True, True, False, True, False]
-    finally:
-        plain.should_exit = True
-        thread.join(timeout=10)
