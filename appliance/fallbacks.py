@@ -37,6 +37,7 @@ from appliance.errors import (
     WrongTask,
 )
 from appliance.models.registry import ModelEntry, Registry
+from appliance.runtime.tokenizer import INLINE_CHARS
 from appliance.tasks import ItemResult
 from appliance.tasks.base import require_text
 
@@ -56,8 +57,6 @@ SUMMARY_MAX_LENGTH = 64
 SUMMARY_MAX_LENGTH_LIMIT = 256
 PROMPT_ROOM = 160
 """Tokens kept free for the instructions and chat markup around the user's text."""
-INLINE_CHARS = 4096
-"""Inputs up to this many characters are measured on the event loop; longer ones in a thread."""
 
 
 def export_fix(task: str) -> str:

@@ -23,14 +23,12 @@ from appliance.gateway.ratelimit import LimitState, RateLimiter
 from appliance.gateway.usage import UsageLog
 from appliance.models.registry import ModelEntry, Registry
 from appliance.runtime.batcher import REALTIME
+from appliance.runtime.tokenizer import INLINE_CHARS
 from appliance.tasks import ItemResult
 
 INLINE_ITEMS = 32
 """Up to this many items, cache lookups run on the event loop (one indexed SQLite read each,
 microseconds): a hop to a worker thread and back costs more than the lookup."""
-INLINE_CHARS = 4096
-"""Up to this many characters of text in a request, tokenising runs on the event loop (tens
-of microseconds); longer inputs are tokenised in a worker thread so they cannot stall it."""
 
 
 def _size(value: Any) -> int:

@@ -7,14 +7,14 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.runtime.tokenizer import SHORT_CHARS, TextTokenizer
+from appliance.runtime.tokenizer import INLINE_CHARS, TextTokenizer
 from tests.conftest import build_wordpiece_tokenizer
 
 
 def test_one_text_and_a_batch_give_the_same_encodings(tmp_path: Path) -> None:
     build_wordpiece_tokenizer(tmp_path)
     tok = TextTokenizer(tmp_path / "tokenizer.json", max_tokens=16, pad_token_id=0)
-    texts = ["hello world", "", "a much longer sentence " * 5, "x" * (SHORT_CHARS + 10)]
+    texts = ["hello world", "", "a much longer sentence " * 5, "x" * (INLINE_CHARS + 10)]
     together = tok.encode(texts)
     assert [tok.encode([t])[0] for t in texts] == together
     assert together[2].truncated and together[2].n_tokens == 16

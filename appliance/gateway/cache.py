@@ -260,15 +260,7 @@ class ResponseCache:
         """Entries another replica computed, written to this disk too (not back to Redis)."""
         if not blobs or self._closing:
             return
-        if self._memory is not None:
-            for key, blob in blobs.items():
-                self._memory.put(key, blob)
-        with self._lock:
-            if len(self._queued) + len(blobs) <= MAX_QUEUED:
-                self._queued.update(blobs)
-                self._local_only.update(blobs)
-                self._writes += 1
-                self._wake_writer()
+        self._queue(blobs, from_shared=True)
 
     def set_many(self, items: dict[str, tuple[dict[str, Any], bool]]) -> None:
         """Queue the answers for the writer; readable by `get_many` from now on."""
@@ -279,6 +271,13 @@ class ResponseCache:
             key: msgspec.msgpack.encode(_Entry(output, truncated, now))
             for key, (output, truncated) in items.items()
         }
+        self._queue(blobs, from_shared=False)
+
+    def _queue(self, blobs: dict[str, bytes], *, from_shared: bool) -> None:
+        """Into the memory level and the writer's queue (`from_shared`: not written back to
+        the shared level). Only an idle writer is woken: one gathering a batch takes these
+        along anyway, and a wake-up per answer (a thread switch, a GIL hand-off) was a tenth
+        of a core at c=32 misses."""
         if self._memory is not None:
             for key, blob in blobs.items():
                 self._memory.put(key, blob)
@@ -286,15 +285,11 @@ class ResponseCache:
             if len(self._queued) + len(blobs) > MAX_QUEUED:
                 return  # the writer is far behind (a stuck disk): serve these uncached
             self._queued.update(blobs)
+            if from_shared:
+                self._local_only.update(blobs)
             self._writes += 1
-            self._wake_writer()
-
-    def _wake_writer(self) -> None:
-        """Under self._lock. Only an idle writer is woken: one gathering a batch takes this
-        write along anyway, and a wake-up per answer (a thread switch, a GIL hand-off) was a
-        tenth of a core at c=32 misses."""
-        if self._writer_idle:
-            self._wake.notify_all()
+            if self._writer_idle:
+                self._wake.notify_all()
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued so far is committed (or given up on)."""

@@ -79,7 +79,7 @@ class Registry:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._alone = alone  # the app answers one request at most (see Batcher)
+        self._alone = alone  # the server answers one request at most (see Batcher)
         self.models_dir = settings.models_path
         self.aliases = dict(settings.aliases)
         self.endpoint_aliases = {k: dict(v) for k, v in settings.endpoint_aliases.items()}

@@ -157,7 +157,7 @@ class Batcher(Generic[T, R]):
             and self._small_call_s <= INLINE_SECONDS
             and self._alone()
         ):
-            return self._run_inline(items)
+            return self._run_inline(items, costs)
         loop = asyncio.get_running_loop()
         pending = [
             _Pending(item, cost, loop.create_future(), priority=priority)
@@ -174,24 +174,28 @@ class Batcher(Generic[T, R]):
                 p.future.cancel()  # left in the queue, skipped by the worker
             raise
 
-    def _run_inline(self, items: Sequence[T]) -> list[R]:
+    def _run_inline(self, items: Sequence[T], costs: Sequence[int]) -> list[R]:
         started = time.perf_counter()
         try:
             results = list(self._run_batch(list(items)))
         except Exception:
             log.exception("model %s: batch of %d failed", self.name, len(items))
             raise
-        took = time.perf_counter() - started
-        self._time_small(took)
-        if self._observe is not None:
-            self._observe(len(items), [0.0] * len(items), took)
-        if memory.trim_due():
-            asyncio.get_running_loop().run_in_executor(None, memory.release_free_memory)
+        self._called(sum(costs), [0.0] * len(items), time.perf_counter() - started)
         return results
 
-    def _time_small(self, seconds: float) -> None:
-        last = self._small_call_s
-        self._small_call_s = seconds if last is None else 0.8 * last + 0.2 * seconds
+    def _called(self, cost: int, waits: list[float], took: float) -> None:
+        """After a model call, inline or on a model thread: the small calls' moving average,
+        the metrics, and, when the model has gone idle, its freed memory handed back."""
+        if cost <= INLINE_TOKENS:
+            last = self._small_call_s
+            self._small_call_s = took if last is None else 0.8 * last + 0.2 * took
+        if self._observe is not None:
+            self._observe(len(waits), waits, took)
+        if not self._running and self._queue.empty() and memory.trim_due():
+            # Idle: give the big batch buffers back (a thread of the loop's own pool, so
+            # the next model call never queues behind it).
+            asyncio.get_running_loop().run_in_executor(None, memory.release_free_memory)
 
     async def _next_batch(self) -> list[_Pending[T]]:
         if self._carry is not None:
@@ -254,15 +258,11 @@ class Batcher(Generic[T, R]):
                 continue
             finally:
                 self._running -= 1
-            took = time.perf_counter() - started
-            if sum(p.cost for p in batch) <= INLINE_TOKENS:
-                self._time_small(took)
-            if self._observe is not None:
-                self._observe(len(batch), [started - p.enqueued for p in batch], took)
+            self._called(
+                sum(p.cost for p in batch),
+                [started - p.enqueued for p in batch],
+                time.perf_counter() - started,
+            )
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
-            if not self._running and self._queue.empty() and memory.trim_due():
-                # Idle: give the big batch buffers back (a thread of the loop's own pool, so
-                # the next model call never queues behind it).
-                loop.run_in_executor(None, memory.release_free_memory)

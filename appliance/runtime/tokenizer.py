@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-SHORT_CHARS = 4096
-"""Texts up to this long are tokenised holding the GIL (microseconds; see encode)."""
+INLINE_CHARS = 4096
+"""Up to this many characters of text, tokenising runs on the event loop holding the GIL
+(tens of microseconds to ~2 ms); longer inputs are tokenised in a worker thread, by
+encode_batch, which lets the GIL go, so they cannot stall the loop or the model threads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +48,13 @@ class TextTokenizer:
         self.pad_token_id = pad_token_id
 
     def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[Encoded]:
-        if len(texts) == 1 and len(texts[0]) + len(pairs[0] if pairs else "") <= SHORT_CHARS:
+        pair = pairs[0] if pairs is not None and len(pairs) == 1 else None
+        if len(texts) == 1 and len(texts[0]) + len(pair or "") <= INLINE_CHARS:
             # One short text, most requests: `encode` skips encode_batch's hand-off to its
             # thread pool and back (a third of the call for a short text). It holds the GIL
             # throughout, so a long text goes to encode_batch, which lets it go: encode
             # stalled every other thread for the whole of a 1 MB text (~0.6 s).
-            encodings = [self._tok.encode(texts[0], pairs[0] if pairs is not None else None)]
+            encodings = [self._tok.encode(texts[0], pair)]
         else:
             inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else texts
             encodings = self._tok.encode_batch(inputs)  # type: ignore[arg-type]
