@@ -18,6 +18,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.types import Receive, Scope, Send
 
 from appliance.access_log import AccessLog
 from appliance.api import (
@@ -38,6 +39,7 @@ from appliance.api import (
     tei,
     vision,
 )
+from appliance.api.hot_path import HotPath
 from appliance.api.recorder import Observer, request_middleware
 from appliance.backends import Backends, open_backends
 from appliance.config import Settings
@@ -106,13 +108,30 @@ def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
     log.warning("no API keys existed: created an admin key, written to %s", path)
 
 
+class App(Litestar):
+    """litestar's app, with the hot routes' plain requests answered by `hot` (see
+    appliance.api.hot_path); None sends every request through litestar."""
+
+    hot: HotPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        hot = self.hot
+        if hot is not None and scope["type"] == "http":
+            route = hot.route(scope)
+            if route is not None:
+                scope["app"] = scope["litestar_app"] = self
+                await hot(scope, receive, send, route, super().__call__)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
     keys: KeyStore | None = None,
     limiter: RateLimiter | None = None,
     lifecycle: Lifecycle | None = None,
-) -> Litestar:
+) -> App:
     settings.data_path.mkdir(parents=True, exist_ok=True)
     lifecycle = lifecycle or Lifecycle()
     metrics = Metrics()
@@ -176,7 +195,8 @@ def create_app(
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
-    return Litestar(
+    services = tasks.Services(inference, settings, classifiers)
+    app = App(
         route_handlers=[
             operations.healthz,
             operations.readyz,
@@ -226,7 +246,7 @@ def create_app(
             405: exception_handler,
             Exception: exception_handler,
         },
-        state=State({"services": tasks.Services(inference, settings, classifiers)}),
+        state=State({"services": services}),
         before_request=auth_hook(keys),
         middleware=[request_middleware(observer)],
         request_max_body_size=settings.server.max_body_bytes,
@@ -234,3 +254,5 @@ def create_app(
         lifespan=[lifespan],
         logging_config=None,  # logging is configured once, by appliance.logs
     )
+    app.hot = HotPath(app, keys, services, observer, settings.server.max_body_bytes)
+    return app

@@ -58,6 +58,10 @@ class ApiResponse(Response[Any]):
             # Headers or cookies set on a router layer, or HEAD: litestar's general path.
             self.headers = {k.decode(): v.decode() for k, v in self.raw_headers}
             return super().to_asgi_response(app, request, **kwargs)
+        return self.sent()
+
+    def sent(self) -> _Sent:
+        """The answer as the ASGI app that sends it."""
         body = encode_json(self.content)
         headers = [
             *self.raw_headers,

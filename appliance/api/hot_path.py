@@ -1,0 +1,177 @@
+"""The hot JSON routes (a text in, vectors or scores out) answered without litestar's
+per-request machinery, by the very same work functions, error mapping and request recorder.
+
+Under load on this machine litestar's layers around a handler (its exception middleware,
+router, scope state, kwargs and signature model) cost as much event-loop CPU per cached
+answer as all of the appliance's own work: a bare litestar route answered at ~100 us of CPU
+per request where a bare ASGI function on the same uvicorn took ~30 us (wrk, c=8).
+
+Only a plain request takes this path: POST to one of `HOT`'s exact paths, a JSON body within
+the size limit that decodes strictly into the endpoint's body type, no query string, a valid
+Host. Anything else (a body litestar would coerce or refuse, a stream cut short, a path with a
+trailing slash) is handed to litestar untouched, with the messages already read replayed, so
+every error and every edge keeps the one behaviour litestar's route has. The litestar routes
+stay registered as they are: the OpenAPI document and every other request use them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+import msgspec
+from litestar import Litestar, Request
+from litestar._asgi.utils import is_valid_host  # the check litestar's router makes
+from litestar.types import Message, Receive, Scope, Send
+
+from appliance.api import openai, tasks, tei
+from appliance.api.recorder import Observer, request_middleware
+from appliance.api.responses import ApiResponse, inference_response
+from appliance.api.tasks import Endpoint, Services, Work
+from appliance.errors import exception_handler
+from appliance.gateway.auth import authorize
+from appliance.gateway.keys import KeyStore
+from appliance.headers import request_header
+from appliance.inference import Call
+
+HOT: dict[str, Endpoint] = {
+    **tasks.ENDPOINTS,
+    **openai.ENDPOINTS,
+    "/embed": tei.ENDPOINTS["/embed"],
+}
+"""Paths whose litestar handler is exactly `inference_response(*await run(data, work))`
+under a scope check (tests/test_hot_path.py holds every one to its litestar answer)."""
+
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _Route(NamedTuple):
+    path: str
+    decoder: msgspec.json.Decoder[Any]
+    endpoint: Endpoint
+    handler: Any
+    """litestar's route handler: its opt holds the scope; error responses are built with it."""
+
+
+class HotPath:
+    """`route(scope)` says whether a request may take this path; calling it answers one."""
+
+    def __init__(
+        self,
+        app: Litestar,
+        keys: KeyStore,
+        services: Services,
+        observer: Observer,
+        max_body_bytes: int,
+    ) -> None:
+        handlers = {
+            route.path: handler
+            for route in app.routes
+            for handler in getattr(route, "route_handlers", ())
+            if "POST" in getattr(handler, "http_methods", ())
+        }
+        self._routes = {
+            path: _Route(path, msgspec.json.Decoder(endpoint.body), endpoint, handlers[path])
+            for path, endpoint in HOT.items()
+        }
+        self._keys, self._services, self._max_body = keys, services, max_body_bytes
+        self._answer = request_middleware(observer)(self._answer_recorded)
+
+    def route(self, scope: Scope) -> _Route | None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope.get("query_string")
+            or scope.get("root_path")
+        ):
+            return None
+        return self._routes.get(scope["path"])
+
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, route: _Route, litestar: ASGIApp
+    ) -> None:
+        messages, data = await self._read(scope, receive, route)
+        if data is None:
+            await litestar(scope, _replay(messages, receive), send)
+            return
+        state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+        state["hot_data"] = data
+        scope["route_handler"] = route.handler
+        scope["path_template"] = route.path
+        scope.setdefault("path_params", {})
+        await self._answer(scope, receive, send)
+
+    async def _read(
+        self, scope: Scope, receive: Receive, route: _Route
+    ) -> tuple[list[Message], Any]:
+        """The messages read and the decoded body; None for the body when litestar should
+        take the request (it then reads the same messages again)."""
+        headers = scope["headers"]
+        content_type = request_header(scope, b"content-type")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            return [], None
+        length = request_header(scope, b"content-length")
+        if length and (not length.isdigit() or int(length) > self._max_body):
+            return [], None
+        host = next((value for name, value in headers if name == b"host"), None)
+        if host is not None and not is_valid_host(host):
+            return [], None
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages, None  # the client left: litestar's handling of that
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                return messages, None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            return messages, route.decoder.decode(b"".join(chunks))
+        except (msgspec.DecodeError, RecursionError):
+            return messages, None  # litestar's decoding gives the error (or coerces)
+
+    async def _answer_recorded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """What litestar's route does between its before_request hook (auth) and the answer,
+        with its exception handling: the request middleware wraps this as it wraps routes."""
+        route = self._routes[scope["path"]]
+        state = scope["state"]  # type: ignore[typeddict-item]
+        try:
+            key = authorize(self._keys, _Connection(scope), route.handler.opt["scope"])
+            state["api_key"] = key
+            call = state["call"] = Call.for_request(key, request_header(scope, b"cache-control"))
+            services = self._services
+            work = Work(call, services.inference, services.settings, services.classifiers)
+            response: ApiResponse = inference_response(  # type: ignore[assignment]
+                *await route.endpoint.run(state.pop("hot_data"), work)
+            )
+        except Exception as exc:  # noqa: BLE001 - the one mapping to the JSON error body
+            request: Request[Any, Any, Any] = Request(scope, receive, send)
+            error = exception_handler(request, exc)
+            await error.to_asgi_response(None, request)(scope, receive, send)
+            return
+        await response.sent()(scope, receive, send)
+
+
+class _Connection:
+    """What `authorize` reads of a connection: its scope."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = deque(messages)
+
+    async def replayed() -> Message:
+        return pending.popleft() if pending else await receive()
+
+    return replayed  # type: ignore[return-value]
