@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 import uvicorn
 
 from appliance.access_log import PIPE_BUF, AccessLog
-from appliance.gateway.usage import Record, UsageLog
+from appliance.gateway.usage import ROWS_PER_INSERT, Record, UsageLog
 from appliance.http_protocol import CorkedHttpToolsProtocol, _CorkedTransport
 
 
@@ -189,6 +190,39 @@ def test_a_reader_sees_the_records_accepted_before_it(tmp_path: Path) -> None:
         assert usage.usage("k1", now - 10, now + 10)[0]["requests"] == 50
     finally:
         usage.stop()
+
+
+def test_a_batch_longer_than_one_insert_is_written_whole_field_for_field(tmp_path: Path) -> None:
+    usage = UsageLog(tmp_path / "usage.db", retention_days=1)
+    count = ROWS_PER_INSERT * 2 + 7  # three statements, the last a short one
+    now = time.time()
+    sent = [
+        Record(
+            now + n * 1e-3,
+            f"k{n % 3}",
+            "POST /v1/x",
+            None if n % 5 else "m",
+            200 + n % 2,
+            0.5 + n,
+            n,
+            n % 2 == 0,
+            f"r{n}",
+        )  # fmt: skip
+        for n in range(count)
+    ]
+    for record in sent:  # queued before the writer starts: one batch
+        usage.record(record)
+    usage.start()
+    try:
+        usage.flush()
+        with sqlite3.connect(tmp_path / "usage.db") as conn:
+            rows = conn.execute(
+                "SELECT ts, key_id, endpoint, model, status, latency_ms, tokens, cached, "
+                "request_id FROM requests ORDER BY id"
+            ).fetchall()
+    finally:
+        usage.stop()
+    assert rows == [(*r[:7], int(r.cached), r.request_id) for r in sent]
 
 
 def test_a_full_usage_queue_drops_and_counts(tmp_path: Path) -> None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from appliance.errors import InsufficientBalance
 
@@ -46,8 +46,20 @@ CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+INSERT_REQUESTS = (
+    "INSERT INTO requests (ts, key_id, endpoint, model, status, latency_ms, tokens, cached, "
+    "request_id) VALUES "
+)
+ROW_PLACEHOLDERS = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+ROWS_PER_INSERT = 1000
+"""9,000 parameters per statement, within SQLite's limit of 32,766."""
+
+
+class Record(NamedTuple):
+    """One answered request, its fields in the `requests` table's column order: the writer
+    hands records to SQLite as they are. A tuple rather than a frozen dataclass: one is made
+    per request on the event loop, and the dataclass's __init__ showed in its profile."""
+
     ts: float
     key_id: str | None
     endpoint: str
@@ -216,26 +228,15 @@ class UsageLog:
 
     @staticmethod
     def _write(conn: sqlite3.Connection, batch: list[Record]) -> None:
-        if not batch:
-            return
-        conn.executemany(
-            "INSERT INTO requests (ts, key_id, endpoint, model, status, latency_ms, tokens, "
-            "cached, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    r.ts,
-                    r.key_id,
-                    r.endpoint,
-                    r.model,
-                    r.status,
-                    r.latency_ms,
-                    r.tokens,
-                    r.cached,
-                    r.request_id,
-                )
-                for r in batch
-            ],
-        )
+        # One INSERT of many rows, not executemany: executemany lets the GIL go and takes it
+        # back for every row, and beside a busy event loop each of those hand-offs cost more
+        # than the row (27 vs 8 us of writer CPU per record at 4,500 cached answers/s).
+        for start in range(0, len(batch), ROWS_PER_INSERT):
+            rows = batch[start : start + ROWS_PER_INSERT]
+            conn.execute(
+                INSERT_REQUESTS + ", ".join([ROW_PLACEHOLDERS] * len(rows)),
+                list(itertools.chain.from_iterable(rows)),
+            )
         conn.commit()
 
     def flush(self, timeout: float = 5.0) -> None:
