@@ -207,7 +207,7 @@ def test_a_batch_longer_than_one_insert_is_written_whole_field_for_field(tmp_pat
             n,
             n % 2 == 0,
             f"r{n}",
-        )  # fmt: skip
+        )
         for n in range(count)
     ]
     for record in sent:  # queued before the writer starts: one batch
