@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -116,12 +117,11 @@ class App(Litestar):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
         hot = self.hot
-        if hot is not None and scope["type"] == "http":
-            route = hot.route(scope)
-            if route is not None:
-                scope["app"] = scope["litestar_app"] = self
-                await hot(scope, receive, send, route, super().__call__)
-                return
+        if hot is not None and hot.route(scope) is not None:
+            scope["app"] = scope["litestar_app"] = self
+            scope.setdefault("state", {})
+            await hot(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 
@@ -254,5 +254,12 @@ def create_app(
         lifespan=[lifespan],
         logging_config=None,  # logging is configured once, by appliance.logs
     )
-    app.hot = HotPath(app, keys, services, observer, settings.server.max_body_bytes)
+    app.hot = HotPath(
+        app,
+        functools.partial(Litestar.__call__, app),  # what `hot` hands over goes to litestar
+        keys,
+        services,
+        observer,
+        settings.server.max_body_bytes,
+    )
     return app

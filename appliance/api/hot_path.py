@@ -6,16 +6,19 @@ router, scope state, kwargs and signature model) cost as much event-loop CPU per
 answer as all of the appliance's own work: a bare litestar route answered at ~100 us of CPU
 per request where a bare ASGI function on the same uvicorn took ~30 us (wrk, c=8).
 
-Only a plain request takes this path: POST to one of `HOT`'s exact paths, a JSON body within
-the size limit that decodes strictly into the endpoint's body type, no query string, a valid
-Host. Anything else (a body litestar would coerce or refuse, a stream cut short, a path with a
-trailing slash) is handed to litestar untouched, with the messages already read replayed, so
-every error and every edge keeps the one behaviour litestar's route has. The litestar routes
-stay registered as they are: the OpenAPI document and every other request use them.
+Only a plain request takes this path: POST to one of `HOT`'s exact paths, no query string, a
+key that may use the route (checked first, before the body is read, as litestar's hook does),
+a JSON body within the size limit that decodes strictly into the endpoint's body type with no
+field it does not declare, a valid Host. Anything else (no key, a body litestar would coerce
+or refuse, a stream cut short, a path with a trailing slash) is handed to litestar, with the
+messages already read replayed, so every refusal and every edge keeps the one behaviour
+litestar's route has. The litestar routes stay registered as they are: the OpenAPI document
+and every other request use them.
 """
 
 from __future__ import annotations
 
+import types
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
@@ -54,12 +57,21 @@ class _Route(NamedTuple):
     """litestar's route handler: its opt holds the scope; error responses are built with it."""
 
 
+def _strict(body: type[Any]) -> type[Any]:
+    """The body type refusing fields it does not declare. Decoded straight into the type,
+    an unknown field is skipped unread, where litestar (which decodes the whole document
+    first) refuses an out-of-range number or broken UTF-8 in it: such bodies go to litestar."""
+    return types.new_class(body.__name__, (body,), {"forbid_unknown_fields": True})
+
+
 class HotPath:
-    """`route(scope)` says whether a request may take this path; calling it answers one."""
+    """`route(scope)` says whether a request may take this path; calling it answers one.
+    `litestar` is the app's own ASGI entry, for the requests it hands over."""
 
     def __init__(
         self,
         app: Litestar,
+        litestar: ASGIApp,
         keys: KeyStore,
         services: Services,
         observer: Observer,
@@ -72,11 +84,14 @@ class HotPath:
             if "POST" in getattr(handler, "http_methods", ())
         }
         self._routes = {
-            path: _Route(path, msgspec.json.Decoder(endpoint.body), endpoint, handlers[path])
-            for path, endpoint in HOT.items()
+            path: _Route(path, msgspec.json.Decoder(_strict(end.body)), end, handlers[path])
+            for path, end in HOT.items()
         }
+        self._litestar = litestar
         self._keys, self._services, self._max_body = keys, services, max_body_bytes
-        self._answer = request_middleware(observer)(self._answer_recorded)
+        # The recorder observes the whole request, body read and hand-over included, as it
+        # does on litestar's route (which then leaves it to this one: see recorder.py).
+        self._observed = request_middleware(observer)(self._answer)
 
     def route(self, scope: Scope) -> _Route | None:
         if (
@@ -88,19 +103,41 @@ class HotPath:
             return None
         return self._routes.get(scope["path"])
 
-    async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, route: _Route, litestar: ASGIApp
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._observed(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """What litestar's route does from its before_request hook (auth, before the body
+        is read) to the answer, with its exception handling."""
+        route = self._routes[scope["path"]]
+        try:
+            key = authorize(self._keys, _Connection(scope), route.handler.opt["scope"])
+        except Exception:  # noqa: BLE001 - litestar's route refuses it, the same way
+            await self._litestar(scope, receive, send)
+            return
         messages, data = await self._read(scope, receive, route)
         if data is None:
-            await litestar(scope, _replay(messages, receive), send)
+            await self._litestar(scope, _replay(messages, receive), send)
             return
-        state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
-        state["hot_data"] = data
+        state = scope["state"]  # type: ignore[typeddict-item]
+        state["api_key"] = key
         scope["route_handler"] = route.handler
         scope["path_template"] = route.path
         scope.setdefault("path_params", {})
-        await self._answer(scope, receive, send)
+        try:
+            call = state["call"] = Call.for_request(key, request_header(scope, b"cache-control"))
+            services = self._services
+            work = Work(call, services.inference, services.settings, services.classifiers)
+            response: ApiResponse = inference_response(  # type: ignore[assignment]
+                *await route.endpoint.run(data, work)
+            )
+            answer = response.sent()  # encodes the body: a failure is a JSON 500 too
+        except Exception as exc:  # noqa: BLE001 - the one mapping to the JSON error body
+            request: Request[Any, Any, Any] = Request(scope, receive, send)
+            error = exception_handler(request, exc)
+            await error.to_asgi_response(None, request)(scope, receive, send)
+            return
+        await answer(scope, receive, send)
 
     async def _read(
         self, scope: Scope, receive: Receive, route: _Route
@@ -112,7 +149,7 @@ class HotPath:
         if content_type.partition(";")[0].strip().lower() != "application/json":
             return [], None
         length = request_header(scope, b"content-length")
-        if length and (not length.isdigit() or int(length) > self._max_body):
+        if length and not (length.isascii() and length.isdigit() and int(length) <= self._max_body):
             return [], None
         host = next((value for name, value in headers if name == b"host"), None)
         if host is not None and not is_valid_host(host):
@@ -136,27 +173,6 @@ class HotPath:
             return messages, route.decoder.decode(b"".join(chunks))
         except (msgspec.DecodeError, RecursionError):
             return messages, None  # litestar's decoding gives the error (or coerces)
-
-    async def _answer_recorded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """What litestar's route does between its before_request hook (auth) and the answer,
-        with its exception handling: the request middleware wraps this as it wraps routes."""
-        route = self._routes[scope["path"]]
-        state = scope["state"]  # type: ignore[typeddict-item]
-        try:
-            key = authorize(self._keys, _Connection(scope), route.handler.opt["scope"])
-            state["api_key"] = key
-            call = state["call"] = Call.for_request(key, request_header(scope, b"cache-control"))
-            services = self._services
-            work = Work(call, services.inference, services.settings, services.classifiers)
-            response: ApiResponse = inference_response(  # type: ignore[assignment]
-                *await route.endpoint.run(state.pop("hot_data"), work)
-            )
-        except Exception as exc:  # noqa: BLE001 - the one mapping to the JSON error body
-            request: Request[Any, Any, Any] = Request(scope, receive, send)
-            error = exception_handler(request, exc)
-            await error.to_asgi_response(None, request)(scope, receive, send)
-            return
-        await response.sent()(scope, receive, send)
 
 
 class _Connection:

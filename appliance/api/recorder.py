@@ -107,6 +107,13 @@ def request_middleware(observe: Observer) -> Any:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
+            state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+            if state.get("observed"):
+                # The hot path's recorder observes this request already: it handed it to
+                # litestar's route, which would observe it a second time.
+                await app(scope, receive, send)
+                return
+            state["observed"] = True
             header = (b"x-request-id", ensure_request_id(scope).encode("latin-1"))
             recorded = not scope["path"].startswith(UNRECORDED_PREFIXES)
             start = time.perf_counter()

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import astuple
 from typing import Any
 
 from appliance.cluster.database import Database
@@ -129,7 +128,7 @@ class ClusterUsageLog(UsageLog):
                 ) as copy,
             ):
                 for r in batch:
-                    copy.write_row((*astuple(r), self.replica))
+                    copy.write_row((*r, self.replica))
             for _ in batch:  # written: only now may they leave memory
                 self._pending.popleft()
 
