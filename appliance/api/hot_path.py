@@ -7,13 +7,14 @@ answer as all of the appliance's own work: a bare litestar route answered at ~10
 per request where a bare ASGI function on the same uvicorn took ~30 us (wrk, c=8).
 
 Only a plain request takes this path: POST to one of `HOT`'s exact paths, no query string, a
-key that may use the route (checked first, before the body is read, as litestar's hook does),
-a JSON body within the size limit that decodes strictly into the endpoint's body type with no
-field it does not declare, a valid Host. Anything else (no key, a body litestar would coerce
-or refuse, a stream cut short, a path with a trailing slash) is handed to litestar, with the
-messages already read replayed, so every refusal and every edge keeps the one behaviour
-litestar's route has. The litestar routes stay registered as they are: the OpenAPI document
-and every other request use them.
+valid Host, a key that may use the route (checked first, before the body is read, as
+litestar's hook does), a JSON body within the size limit that decodes strictly into the
+endpoint's body type with no field it does not declare. Anything else (no key, a body litestar
+would coerce or refuse, a stream cut short, a path with a trailing slash) is handed to
+litestar, with the messages already read replayed, so every refusal and every edge keeps the
+one behaviour litestar's route has. The litestar routes stay registered as they are: the
+OpenAPI document and every other request use them. The app has no before_send hook, CORS,
+allowed hosts, CSRF or compression, which this path would bypass: HotPath refuses such an app.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class HotPath:
         observer: Observer,
         max_body_bytes: int,
     ) -> None:
+        bypassed = (app.before_send, app.cors_config, app.allowed_hosts, app.csrf_config)
+        if any(bypassed) or app.compression_config:
+            raise ValueError("the hot path would bypass litestar's before_send/CORS/hosts/CSRF")
         handlers = {
             route.path: handler
             for route in app.routes
@@ -101,7 +105,12 @@ class HotPath:
             or scope.get("root_path")
         ):
             return None
-        return self._routes.get(scope["path"])
+        route = self._routes.get(scope["path"])
+        if route is None:
+            return None
+        # litestar's router refuses a bad Host before any route (and its recorder) runs.
+        host = next((value for name, value in scope["headers"] if name == b"host"), None)
+        return route if host is None or is_valid_host(host) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._observed(scope, receive, send)
@@ -144,15 +153,11 @@ class HotPath:
     ) -> tuple[list[Message], Any]:
         """The messages read and the decoded body; None for the body when litestar should
         take the request (it then reads the same messages again)."""
-        headers = scope["headers"]
         content_type = request_header(scope, b"content-type")
         if content_type.partition(";")[0].strip().lower() != "application/json":
             return [], None
         length = request_header(scope, b"content-length")
         if length and not (length.isascii() and length.isdigit() and int(length) <= self._max_body):
-            return [], None
-        host = next((value for name, value in headers if name == b"host"), None)
-        if host is not None and not is_valid_host(host):
             return [], None
         messages: list[Message] = []
         chunks: list[bytes] = []

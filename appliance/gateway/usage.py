@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import sqlite3
@@ -51,8 +52,13 @@ INSERT_REQUESTS = (
     "request_id) VALUES "
 )
 ROW_PLACEHOLDERS = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
-ROWS_PER_INSERT = 1000
-"""9,000 parameters per statement, within SQLite's limit of 32,766."""
+ROWS_PER_INSERT = 1024
+"""9,216 parameters per statement, within SQLite's default limit of 32,766."""
+
+
+@functools.cache
+def _insert_of(rows: int) -> str:
+    return INSERT_REQUESTS + ", ".join([ROW_PLACEHOLDERS] * rows)
 
 
 class Record(NamedTuple):
@@ -231,12 +237,16 @@ class UsageLog:
         # One INSERT of many rows, not executemany: executemany lets the GIL go and takes it
         # back for every row, and beside a busy event loop each of those hand-offs cost more
         # than the row (27 vs 8 us of writer CPU per record at 4,500 cached answers/s).
-        for start in range(0, len(batch), ROWS_PER_INSERT):
-            rows = batch[start : start + ROWS_PER_INSERT]
+        # Statements of ROWS_PER_INSERT rows, then of powers of two: a few SQL texts, each
+        # prepared once and kept in the connection's statement cache.
+        start = 0
+        while start < len(batch):
+            left = len(batch) - start
+            size = ROWS_PER_INSERT if left >= ROWS_PER_INSERT else 1 << (left.bit_length() - 1)
             conn.execute(
-                INSERT_REQUESTS + ", ".join([ROW_PLACEHOLDERS] * len(rows)),
-                list(itertools.chain.from_iterable(rows)),
+                _insert_of(size), list(itertools.chain.from_iterable(batch[start : start + size]))
             )
+            start += size
         conn.commit()
 
     def flush(self, timeout: float = 5.0) -> None:
