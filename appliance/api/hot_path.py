@@ -80,7 +80,10 @@ class HotPath:
     ) -> None:
         bypassed = (app.before_send, app.cors_config, app.allowed_hosts, app.csrf_config)
         if any(bypassed) or app.compression_config:
-            raise ValueError("the hot path would bypass litestar's before_send/CORS/hosts/CSRF")
+            raise ValueError(
+                "the hot path would bypass litestar's before_send, CORS, allowed hosts, CSRF "
+                "or compression: build such an app without a HotPath"
+            )
         handlers = {
             route.path: handler
             for route in app.routes
