@@ -119,8 +119,7 @@ class App(Litestar):
         hot = self.hot
         if hot is not None and hot.route(scope) is not None:
             scope["app"] = scope["litestar_app"] = self
-            scope.setdefault("state", {})
-            await hot(scope, receive, send)
+            await hot(scope, receive, send)  # its recorder gives the scope its state
             return
         await super().__call__(scope, receive, send)
 
