@@ -14,7 +14,7 @@ from appliance.app import create_app
 from appliance.config import Settings
 from appliance.http_protocol import CorkedHttpToolsProtocol
 from appliance.lifecycle import Lifecycle
-from appliance.runtime.memory import limit_malloc_arenas
+from appliance.runtime.memory import collect_less_often, limit_malloc_arenas
 
 log = logging.getLogger("appliance.server")
 
@@ -64,6 +64,7 @@ def run(settings: Settings) -> None:
         settings.server.port,
     )
     limit_malloc_arenas()
+    collect_less_often()
     lifecycle = Lifecycle()
     _server(settings, lifecycle).run()
 
@@ -71,5 +72,6 @@ def run(settings: Settings) -> None:
 def serve_worker(settings: Settings, sock: socket.socket) -> None:
     """One of server.workers processes: the same server on its own SO_REUSEPORT socket."""
     limit_malloc_arenas()
+    collect_less_often()
     lifecycle = Lifecycle()
     _server(settings, lifecycle).run(sockets=[sock])

@@ -11,6 +11,7 @@ no-ops off glibc (musl, macOS).
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 import time
@@ -20,6 +21,10 @@ MALLOC_ARENAS = 2
 """glibc malloc arenas for the server process, unless MALLOC_ARENA_MAX says otherwise."""
 TRIM_INTERVAL_SECONDS = 2.0
 """At most one malloc_trim per this many seconds."""
+
+YOUNG_OBJECTS = 20_000
+"""Net new container objects between two collections of the cyclic collector's youngest
+generation, in a server process (CPython's default: 700)."""
 
 _M_ARENA_MAX = -8
 _last_trim = 0.0
@@ -44,6 +49,20 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     if _LIBC is None or os.environ.get("MALLOC_ARENA_MAX"):
         return False
     return bool(_LIBC.mallopt(_M_ARENA_MAX, arenas))
+
+
+def collect_less_often(young_objects: int = YOUNG_OBJECTS) -> None:
+    """Run the cyclic garbage collector's young collections less often (call at start).
+
+    Requests free their objects by reference counting; the collector only looks for cycles.
+    At CPython's 700 it ran a young collection every ~25 requests here, each one moving the
+    objects of the requests in flight to an older generation, and every few seconds that
+    promoted enough of them to start a full collection: all ~95k objects of the app and a
+    model, ~60 ms with the event loop stopped. Measured with perf at c=32 short-text misses:
+    the collector took ~5% of the loop's CPU. The older generations keep their thresholds.
+    """
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(young_objects, older, oldest)
 
 
 def trim_due() -> bool:

@@ -1,0 +1,60 @@
+"""Process-wide memory settings a serving process makes at start (appliance.runtime.memory)."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import server
+from appliance.config import load_settings
+from appliance.runtime import memory
+
+
+@pytest.fixture
+def gc_threshold() -> Any:
+    before = gc.get_threshold()
+    yield before
+    gc.set_threshold(*before)
+
+
+def test_a_serving_process_collects_young_objects_less_often(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gc_threshold: tuple[int, int, int]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\nmodels_dir = "{tmp_path / "models"}"\n')
+    seen: list[tuple[int, int, int]] = []
+
+    class Started:
+        def run(self, **_: Any) -> None:  # what uvicorn would serve under
+            seen.append(gc.get_threshold())
+
+    monkeypatch.setattr(server, "limit_malloc_arenas", lambda: False)  # not this test process
+    monkeypatch.setattr(server, "_server", lambda settings, lifecycle: Started())
+    gc.set_threshold(700, 10, 10)  # CPython's defaults
+    server.run(load_settings(config, environ={}))
+    assert seen == [(memory.YOUNG_OBJECTS, 10, 10)]
+
+
+def test_young_collections_wait_for_their_threshold(gc_threshold: tuple[int, int, int]) -> None:
+    """What the setting buys: the objects of requests in flight are not collected (and moved
+    to an older generation) every few hundred allocations."""
+    memory.collect_less_often(5_000)
+    gc.collect()
+    runs: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 0:
+            runs.append(1)
+
+    gc.callbacks.append(count)
+    try:
+        alive = [[i] for i in range(4_000)]  # below the threshold: no young collection
+        assert runs == []
+        alive += [[i] for i in range(2_000)]  # past it: one
+        assert len(runs) >= 1
+    finally:
+        gc.callbacks.remove(count)
+    assert len(alive) == 6_000
