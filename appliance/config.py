@@ -66,6 +66,9 @@ class RuntimeConfig(_Section):
     """Threads inside one operator, per stream; 0: the cores shared out among the streams."""
     inter_op_threads: Positive = 1
     """Threads across independent operators."""
+    lone_call_threads: NonNegative = 0
+    """Threads of a lone request's text-encoder call, in a second session of the model (its
+    own copy of the weights); 0: every core this process may use; 1: no second session."""
     max_batch_size: Positive = 32
     """Most items the batcher puts in one model call."""
     max_batch_tokens: Positive = 512

@@ -202,3 +202,78 @@ def test_an_interrupted_swap_is_recovered_at_scan(serve, tmp_path: Path, models_
     )
     assert r.status_code == 200
     assert (root / "tiny-embed").is_dir() and not (root / ".tiny-embed.old").exists()
+
+
+def test_a_lone_request_runs_on_a_second_session_with_every_core(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """A text encoder's lone calls (the server answers nothing else) go to a session of their
+    own with more threads; calls made side by side stay on the streams' one-thread session."""
+    import asyncio
+
+    import numpy as np
+
+    from appliance.models.registry import Registry
+    from tests.conftest import make_settings
+
+    settings = make_settings(
+        tmp_path / "data",
+        models_dir,
+        APPLIANCE_RUNTIME__STREAMS="2",
+        APPLIANCE_RUNTIME__INTRA_OP_THREADS="1",
+        APPLIANCE_RUNTIME__LONE_CALL_THREADS="2",
+    )
+
+    def counted(session: object, calls: list[int]) -> None:
+        real = session.run  # type: ignore[attr-defined]
+
+        def run(*args: object, **kwargs: object) -> object:
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        session.run = run  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        in_flight = [1]
+        registry = Registry(settings, alone=lambda: in_flight[0] <= 1)
+        await registry.start()
+        try:
+            entry = registry.get("tiny-embed")
+            assert entry.runner is not None and entry.lone is not None
+            assert entry.batcher is not None
+            threads = {
+                "streams": entry.runner.session.get_session_options().intra_op_num_threads,
+                "lone": entry.lone.session.get_session_options().intra_op_num_threads,
+            }
+            assert threads == {"streams": 1, "lone": 2}
+            items = entry.runner.preprocess(["a short text, alone"])
+            np.testing.assert_allclose(
+                entry.lone.infer(items)[0], entry.runner.infer(items)[0], rtol=0, atol=1e-5
+            )
+            shared: list[int] = []
+            own: list[int] = []
+            counted(entry.runner.session, shared)
+            counted(entry.lone.session, own)
+            cost = [entry.runner.cost(items[0])]
+            await entry.batcher.submit(items, cost)  # how long small calls take: not known
+            await entry.batcher.submit(items, cost)  # known now, and alone: its own session
+            assert (len(shared), len(own)) == (1, 1)
+            in_flight[0] = 2  # another request in progress: the streams' session
+            await entry.batcher.submit(items, cost)
+            assert (len(shared), len(own)) == (2, 1)
+        finally:
+            await registry.stop()
+
+    asyncio.run(main())
+
+    plain = make_settings(tmp_path / "plain", models_dir, APPLIANCE_RUNTIME__LONE_CALL_THREADS="1")
+
+    async def without() -> None:
+        registry = Registry(plain, alone=lambda: True)
+        await registry.start()
+        try:
+            assert registry.get("tiny-embed").lone is None  # no second copy of the weights
+        finally:
+            await registry.stop()
+
+    asyncio.run(without())

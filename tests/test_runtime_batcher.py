@@ -171,6 +171,21 @@ def test_stream_plan_shares_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     assert session.plan_streams(RuntimeConfig(intra_op_threads=3), "feature-extraction") == (4, 3)
 
 
+def test_a_lone_call_gets_every_core_in_its_own_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.config import RuntimeConfig
+    from appliance.runtime import session
+
+    monkeypatch.setattr(session, "usable_cores", lambda: 4)
+    assert session.lone_call_threads(RuntimeConfig(), "feature-extraction") == 4
+    assert session.lone_call_threads(RuntimeConfig(lone_call_threads=2), "text-classification") == 2
+    # Not when the streams' calls have as many threads already, nor without lone calls:
+    assert session.lone_call_threads(RuntimeConfig(lone_call_threads=1), "feature-extraction") == 0
+    assert session.lone_call_threads(RuntimeConfig(streams=1), "feature-extraction") == 0
+    assert session.lone_call_threads(RuntimeConfig(), "text-generation") == 0
+    assert session.lone_call_threads(RuntimeConfig(), "feature-extraction", workers=4) == 0
+    assert session.lone_call_threads(RuntimeConfig(), "feature-extraction", workers=2) == 2
+
+
 def test_idle_model_threads_hand_freed_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """When a model goes idle its freed buffers go back to the OS (glibc malloc_trim), at most
     once per interval, and never while work is queued."""
@@ -237,6 +252,26 @@ def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads
         in_flight[0] = 1
         assert await b.submit([4], [1], priority=10) == [8]  # a job's line: a model thread
         assert model.threads[2:] == ["model-t_0"] * 3
+        await b.stop()
+
+        lone = ThreadRecorder()  # the lone call's own runner (a session with every core)
+        model = ThreadRecorder()
+        b = Batcher(
+            model,
+            name="t",
+            max_batch_size=8,
+            max_batch_tokens=10_000,
+            max_wait_s=0.0,
+            max_queue=100,
+            alone=lambda: in_flight[0] <= 1,
+            run_alone=lone,
+        )
+        b.start()
+        assert await b.submit([0], [10]) == [0]  # call time not known yet: a model thread
+        assert await b.submit([1], [10]) == [2]
+        in_flight[0] = 2
+        assert await b.submit([2], [10]) == [4]
+        assert (model.threads, lone.threads) == (["model-t_0"] * 2, [loop_thread])
         await b.stop()
 
         slow = ThreadRecorder(seconds=0.02)  # small calls slower than INLINE_SECONDS

@@ -31,7 +31,12 @@ from appliance.models.manifest import (
     verify,
 )
 from appliance.runtime.batcher import Batcher
-from appliance.runtime.session import ARENA_TASKS, create_session, plan_streams
+from appliance.runtime.session import (
+    ARENA_TASKS,
+    create_session,
+    lone_call_threads,
+    plan_streams,
+)
 from appliance.tasks import Runner, build_runner
 
 log = logging.getLogger("appliance.registry")
@@ -48,6 +53,7 @@ class ModelEntry:
     batcher: Batcher[Any, Any] | None = field(default=None, repr=False)
     load_seconds: float = 0.0
     streams: int = 1  # model calls run at once
+    lone: Runner | None = field(default=None, repr=False)  # a lone request's call (Batcher)
 
     @property
     def is_active(self) -> bool:
@@ -109,7 +115,7 @@ class Registry:
                 )
                 manifest.slug = slug
             verify(folder, manifest)
-            runner = None if lazy else self._open(folder, manifest)
+            runner, lone = (None, None) if lazy else self._open(folder, manifest)
         except (ManifestError, ValueError, KeyError, OSError) as exc:
             log.error("model %s not loaded: %s", slug, exc)
             return ModelEntry(slug, folder, "fail", message=str(exc))
@@ -127,23 +133,33 @@ class Registry:
         workers = self.settings.server.workers  # each worker sizes to its share of the cores
         streams = plan_streams(self.settings.runtime, manifest.task, workers)[0]
         return ModelEntry(
-            slug, folder, "ready", "", manifest, runner, load_seconds=took, streams=streams
+            slug,
+            folder,
+            "ready",
+            "",
+            manifest,
+            runner,
+            load_seconds=took,
+            streams=streams,
+            lone=lone,
         )
 
-    def _open(self, folder: Path, manifest: Manifest) -> Runner:
-        """The model's session and runner, warmed up."""
-        workers = self.settings.server.workers
-        threads = plan_streams(self.settings.runtime, manifest.task, workers)[1]
-        session = create_session(
-            folder / manifest.files["model"].path,
-            self.settings.runtime,
-            arena=manifest.task in ARENA_TASKS,
-            threads=threads,
-        )
+    def _open(self, folder: Path, manifest: Manifest) -> tuple[Runner, Runner | None]:
+        """The model's runner, and the one for a lone request's calls (a text encoder's
+        second session, with more threads; see appliance.runtime.session), warmed up."""
+        workers, rt = self.settings.server.workers, self.settings.runtime
+        path = folder / manifest.files["model"].path
+        threads = plan_streams(rt, manifest.task, workers)[1]
+        session = create_session(path, rt, arena=manifest.task in ARENA_TASKS, threads=threads)
         runner = build_runner(folder, manifest, session)
-        if self.settings.runtime.warmup:
-            runner.warmup()
-        return runner
+        lone = None
+        if runner.ONE_PASS and (lone_threads := lone_call_threads(rt, manifest.task, workers)):
+            lone = runner.with_session(create_session(path, rt, threads=lone_threads, spin=True))
+        if rt.warmup:
+            for each in (runner, lone):
+                if each is not None:
+                    each.warmup()
+        return runner, lone
 
     async def ensure_loaded(self, entry: ModelEntry) -> None:
         """Open a lazily loaded model (models.lazy) once; concurrent first requests wait for
@@ -157,7 +173,7 @@ class Registry:
             assert entry.manifest is not None
             start = time.perf_counter()
             try:
-                runner = await asyncio.to_thread(self._open, entry.folder, entry.manifest)
+                runner, lone = await asyncio.to_thread(self._open, entry.folder, entry.manifest)
             except Exception as exc:
                 log.exception("model %s could not be opened", entry.slug)
                 entry.status, entry.message = "fail", f"{type(exc).__name__}: {exc}"
@@ -166,7 +182,7 @@ class Registry:
                     details={"model": entry.slug, "build_status": "fail"},
                     retry_after=60,
                 ) from None
-            entry.runner = runner
+            entry.runner, entry.lone = runner, lone
             entry.load_seconds += time.perf_counter() - start
             self._activate(entry)
             log.info(
@@ -206,6 +222,7 @@ class Registry:
             observe=self.metrics.batch_observer(entry.slug) if self.metrics else None,
             streams=entry.streams,
             alone=self._alone if entry.runner.ONE_PASS else None,
+            run_alone=entry.lone.infer if entry.lone is not None else None,
         )
         entry.batcher.start()
 
@@ -232,7 +249,7 @@ class Registry:
             if entry.batcher is not None:
                 await entry.batcher.drain()
                 await entry.batcher.stop()
-            entry.runner, entry.batcher = None, None
+            entry.runner, entry.lone, entry.batcher = None, None, None
 
         task = asyncio.get_running_loop().create_task(retire())
         self._retiring.add(task)

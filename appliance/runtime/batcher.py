@@ -20,7 +20,8 @@ INLINE_TOKENS to a model thread and back only adds latency (two thread wake-ups,
 a 1-2 ms call for a short text on the 2-core test machine); nothing else waits meanwhile.
 Only while this model's small calls take at most INLINE_SECONDS (a moving average of every
 such call, either way): tokens alone do not bound the time (a 24-layer model, pairs padded
-to the longest one), and the loop must not stop for longer.
+to the longest one), and the loop must not stop for longer. Such a call may go to its own
+`run_alone` (a session with every core: nothing else runs meanwhile).
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ class Batcher(Generic[T, R]):
         observe: Callable[[int, list[float], float], None] | None = None,
         streams: int = 1,
         alone: Callable[[], bool] | None = None,
+        run_alone: Callable[[list[T]], Sequence[R]] | None = None,
     ) -> None:
         self._alone = alone  # no other request is being answered (None: never inline)
+        self._run_alone = run_alone or run_batch  # the inline call
         self._small_call_s: float | None = None  # moving average, calls <= INLINE_TOKENS
         self._run_batch = run_batch
         self._observe = observe  # (items, seconds each waited, seconds the call took)
@@ -177,7 +180,7 @@ class Batcher(Generic[T, R]):
     def _run_inline(self, items: Sequence[T], costs: Sequence[int]) -> list[R]:
         started = time.perf_counter()
         try:
-            results = list(self._run_batch(list(items)))
+            results = list(self._run_alone(list(items)))
         except Exception:
             log.exception("model %s: batch of %d failed", self.name, len(items))
             raise

@@ -6,6 +6,7 @@ Runners differ only in pre- and post-processing; sessions, batching and threads 
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,13 @@ class Runner(ABC, Generic[In, Prep, Raw]):
     def warmup(self) -> None:
         example = self.parse_input(self.manifest.example_payload)
         self.infer(self.preprocess([example]))
+
+    def with_session(self, session: ort.InferenceSession) -> Runner[In, Prep, Raw]:
+        """The same runner (tokenizer, manifest) calling `session`: another session of the
+        same model file, with other threads (a lone request's call)."""
+        twin = copy.copy(self)
+        twin.session = session
+        return twin
 
     def feeds(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {name: value for name, value in arrays.items() if name in self._input_names}
