@@ -266,14 +266,63 @@ def test_a_lone_request_runs_on_a_second_session_with_every_core(
 
     asyncio.run(main())
 
-    plain = make_settings(tmp_path / "plain", models_dir, APPLIANCE_RUNTIME__LONE_CALL_THREADS="1")
-
-    async def without() -> None:
-        registry = Registry(plain, alone=lambda: True)
+    async def lone(settings: object, alone: object) -> object:
+        registry = Registry(settings, alone=alone)  # type: ignore[arg-type]
         await registry.start()
         try:
-            assert registry.get("tiny-embed").lone is None  # no second copy of the weights
+            entry = registry.get("tiny-embed")
+            assert entry.status == "ready"
+            return entry.lone
         finally:
             await registry.stop()
 
-    asyncio.run(without())
+    # No second copy of the weights where it would not be used: turned off, or a batch
+    # job's process (no requests, so never a lone one).
+    plain = make_settings(tmp_path / "plain", models_dir, APPLIANCE_RUNTIME__LONE_CALL_THREADS="1")
+    assert asyncio.run(lone(plain, lambda: True)) is None
+    assert asyncio.run(lone(settings, None)) is None
+
+
+def test_a_model_serves_without_its_lone_call_session_when_that_fails_to_open(
+    tmp_path: Path,
+    models_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+
+    from appliance.models import registry as registry_module
+    from tests.conftest import make_settings
+
+    real = registry_module.create_session
+
+    def create_session(*args: object, spin: bool = False, **kwargs: object) -> object:
+        if spin:
+            raise MemoryError("no room for a second copy")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry_module, "create_session", create_session)
+    settings = make_settings(
+        tmp_path / "data",
+        models_dir,
+        APPLIANCE_RUNTIME__LONE_CALL_THREADS="2",
+        APPLIANCE_RUNTIME__STREAMS="2",
+        APPLIANCE_RUNTIME__INTRA_OP_THREADS="1",
+    )
+
+    async def main() -> None:
+        registry = registry_module.Registry(settings, alone=lambda: True)
+        await registry.start()
+        try:
+            entry = registry.get("tiny-embed")
+            assert entry.status == "ready" and entry.lone is None
+            assert entry.batcher is not None and entry.runner is not None
+            items = entry.runner.preprocess(["still served"])
+            for _ in range(2):  # on a model thread, then inline on the streams' session
+                (vector,) = await entry.batcher.submit(items, [entry.runner.cost(items[0])])
+                assert vector.shape[-1] > 0
+        finally:
+            await registry.stop()
+
+    asyncio.run(main())
+    assert "no session of its own for lone calls" in caplog.text

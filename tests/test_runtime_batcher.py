@@ -181,7 +181,9 @@ def test_a_lone_call_gets_every_core_in_its_own_session(monkeypatch: pytest.Monk
     # Not when the streams' calls have as many threads already, nor without lone calls:
     assert session.lone_call_threads(RuntimeConfig(lone_call_threads=1), "feature-extraction") == 0
     assert session.lone_call_threads(RuntimeConfig(streams=1), "feature-extraction") == 0
-    assert session.lone_call_threads(RuntimeConfig(), "text-generation") == 0
+    assert session.lone_call_threads(RuntimeConfig(lone_call_threads=8), "feature-extraction") == 4
+    for task in ("text-generation", "question-answering", "zero-shot-classification", "custom"):
+        assert session.lone_call_threads(RuntimeConfig(), task) == 0
     assert session.lone_call_threads(RuntimeConfig(), "feature-extraction", workers=4) == 0
     assert session.lone_call_threads(RuntimeConfig(), "feature-extraction", workers=2) == 2
 

@@ -30,7 +30,7 @@ from appliance.models.manifest import (
     recover_folders,
     verify,
 )
-from appliance.runtime.batcher import Batcher
+from appliance.runtime.batcher import INLINE_SECONDS, Batcher
 from appliance.runtime.session import (
     ARENA_TASKS,
     create_session,
@@ -145,20 +145,35 @@ class Registry:
         )
 
     def _open(self, folder: Path, manifest: Manifest) -> tuple[Runner, Runner | None]:
-        """The model's runner, and the one for a lone request's calls (a text encoder's
-        second session, with more threads; see appliance.runtime.session), warmed up."""
+        """The model's runner, and the one for a lone request's calls (a second session
+        with more threads; see appliance.runtime.session), warmed up. That one only where it
+        can be used: a serving process, a task of short single texts on the CPU, and a warm
+        short call that fits the event loop (INLINE_SECONDS)."""
         workers, rt = self.settings.server.workers, self.settings.runtime
         path = folder / manifest.files["model"].path
         threads = plan_streams(rt, manifest.task, workers)[1]
         session = create_session(path, rt, arena=manifest.task in ARENA_TASKS, threads=threads)
         runner = build_runner(folder, manifest, session)
-        lone = None
-        if runner.ONE_PASS and (lone_threads := lone_call_threads(rt, manifest.task, workers)):
+        if not rt.warmup:
+            return runner, None
+        runner.warmup()
+        lone_threads = lone_call_threads(rt, manifest.task, workers)
+        if (
+            self._alone is None  # batch jobs' own processes: never a lone call
+            or not lone_threads
+            or session.get_providers()[0] != "CPUExecutionProvider"  # threads are CPU's
+        ):
+            return runner, None
+        started = time.perf_counter()
+        runner.warmup()  # a warm short call: does it fit the inline path at all?
+        if time.perf_counter() - started > INLINE_SECONDS:
+            return runner, None
+        try:
             lone = runner.with_session(create_session(path, rt, threads=lone_threads, spin=True))
-        if rt.warmup:
-            for each in (runner, lone):
-                if each is not None:
-                    each.warmup()
+            lone.warmup()
+        except Exception:  # optional: the model serves without it
+            log.exception("model %s: no session of its own for lone calls", folder.name)
+            return runner, None
         return runner, lone
 
     async def ensure_loaded(self, entry: ModelEntry) -> None:

@@ -18,9 +18,11 @@ Serving settings (measured with `appliance bench`, see README "Performance"):
   cores to itself: a text encoder gets a second session for it, with every core and a pool
   that spins while the call runs and stops when it returns. Without spinning a second
   thread gained nothing (a futex wake-up per operator); with it one short text took
-  1.2 vs 2.0 ms (all-MiniLM-L6-v2, in-process), c=1 over HTTP p50 2.8-3.0 -> 1.8-2.2 ms.
-  It costs that session's copy of the weights (+~37 MB RSS for all-MiniLM-L6-v2);
-  `runtime.lone_call_threads = 1` goes without;
+  1.2 vs 2.0 ms (all-MiniLM-L6-v2, in-process), c=1 over HTTP p50 2.68-3.38 -> 1.83-2.68 ms.
+  It costs that session's copy of the weights (+27-38 MB RSS for all-MiniLM-L6-v2), so it
+  is opened only for embedding and classification models whose warm-up call shows a short
+  text fits the inline path, and only in a serving process; `runtime.lone_call_threads = 1`
+  goes without;
 - no CPU memory arena for models called once per request batch: with the arena a session
   keeps the memory of its largest batch for life (about +170 MB for all-MiniLM-L6-v2 after
   one 32 x 128-token batch); without it the memory goes back after each call, at no
@@ -87,12 +89,21 @@ def plan_streams(config: RuntimeConfig, task: str, workers: int = 1) -> tuple[in
     return streams, threads
 
 
+LONE_CALL_TASKS = frozenset({"feature-extraction", "text-classification"})
+"""Tasks whose request is mostly one short text, small enough for a lone call on the event
+loop (appliance.runtime.batcher.INLINE_TOKENS). Question answering (question + context),
+rerank (query x texts) and zero-shot (text x labels) rarely are: a second session would hold
+a copy of their weights for nothing."""
+
+
 def lone_call_threads(config: RuntimeConfig, task: str, workers: int = 1) -> int:
     """Intra-op threads of a lone request's call, in a session of its own (see above);
-    0: no such session (the streams' own threads are as many, or the task has no lone calls)."""
-    if task in ARENA_TASKS:
+    0: no such session (the task's requests are rarely that small, or the streams' own calls
+    have as many threads). At most this process's share of the cores."""
+    if task not in LONE_CALL_TASKS:
         return 0
-    threads = config.lone_call_threads or worker_cores(workers)
+    cores = worker_cores(workers)
+    threads = min(config.lone_call_threads or cores, cores)
     return threads if threads > plan_streams(config, task, workers)[1] else 0
 
 

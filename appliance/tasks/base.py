@@ -74,7 +74,10 @@ class Runner(ABC, Generic[In, Prep, Raw]):
 
     def with_session(self, session: ort.InferenceSession) -> Runner[In, Prep, Raw]:
         """The same runner (tokenizer, manifest) calling `session`: another session of the
-        same model file, with other threads (a lone request's call)."""
+        same model file, with other threads (a lone request's call). Only for a runner whose
+        call is one pass over one session: the others hold more sessions or per-call state."""
+        if not self.ONE_PASS:
+            raise TypeError(f"{type(self).__name__} has no single session to swap")
         twin = copy.copy(self)
         twin.session = session
         return twin
