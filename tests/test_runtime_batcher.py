@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -26,9 +27,15 @@ class Recorder:
         return [2 * i for i in items]
 
 
-def make(model: Recorder, **kw: int) -> Batcher[int, int]:
-    opts = {"max_batch_size": 8, "max_batch_tokens": 10_000, "max_queue": 100} | kw
-    return Batcher(model, name="t", max_wait_s=0.0, **opts)
+def make(model: Recorder, **kw: Any) -> Batcher[int, int]:
+    defaults: dict[str, Any] = {
+        "name": "t",
+        "max_wait_s": 0.0,
+        "max_queue": 100,
+        "max_batch_size": 8,
+        "max_batch_tokens": 10_000,
+    }
+    return Batcher(model, **(defaults | kw))
 
 
 def test_concurrent_requests_share_model_calls() -> None:
@@ -233,13 +240,8 @@ def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads
         in_flight = [1]
         model = ThreadRecorder()
         observed: list[tuple[int, float]] = []
-        b = Batcher(
+        b = make(
             model,
-            name="t",
-            max_batch_size=8,
-            max_batch_tokens=10_000,
-            max_wait_s=0.0,
-            max_queue=100,
             observe=lambda n, waits, took: observed.append((n, took)),
             alone=lambda: in_flight[0] <= 1,
         )
@@ -258,16 +260,7 @@ def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads
 
         lone = ThreadRecorder()  # the lone call's own runner (a session with every core)
         model = ThreadRecorder()
-        b = Batcher(
-            model,
-            name="t",
-            max_batch_size=8,
-            max_batch_tokens=10_000,
-            max_wait_s=0.0,
-            max_queue=100,
-            alone=lambda: in_flight[0] <= 1,
-            run_alone=lone,
-        )
+        b = make(model, alone=lambda: in_flight[0] <= 1, run_alone=lone)
         b.start()
         assert await b.submit([0], [10]) == [0]  # call time not known yet: a model thread
         assert await b.submit([1], [10]) == [2]
@@ -277,15 +270,7 @@ def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads
         await b.stop()
 
         slow = ThreadRecorder(seconds=0.02)  # small calls slower than INLINE_SECONDS
-        b = Batcher(
-            slow,
-            name="slow",
-            max_batch_size=8,
-            max_batch_tokens=10_000,
-            max_wait_s=0.0,
-            max_queue=100,
-            alone=lambda: True,
-        )
+        b = make(slow, name="slow", alone=lambda: True)
         b.start()
         for i in range(3):
             assert await b.submit([i], [5]) == [2 * i]

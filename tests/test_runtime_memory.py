@@ -36,4 +36,3 @@ def test_a_serving_process_collects_young_objects_less_often(
     gc.set_threshold(700, 10, 10)  # CPython's defaults
     server.run(load_settings(config, environ={}))
     assert seen == [(memory.YOUNG_OBJECTS, 10, 10)]
-
