@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from litestar.testing import TestClient
 
+from appliance.config import Settings
 from appliance.models.manifest import ManifestError, read_manifest, verify
 
 
@@ -204,6 +205,19 @@ def test_an_interrupted_swap_is_recovered_at_scan(serve, tmp_path: Path, models_
     assert (root / "tiny-embed").is_dir() and not (root / ".tiny-embed.old").exists()
 
 
+def _lone_calls_on(data_dir: Path, models_dir: Path) -> Settings:
+    """Two one-thread streams and a lone call's session of two threads, whatever the cores."""
+    from tests.conftest import make_settings
+
+    return make_settings(
+        data_dir,
+        models_dir,
+        APPLIANCE_RUNTIME__STREAMS="2",
+        APPLIANCE_RUNTIME__INTRA_OP_THREADS="1",
+        APPLIANCE_RUNTIME__LONE_CALL_THREADS="2",
+    )
+
+
 def test_a_lone_request_runs_on_a_second_session_with_every_core(
     tmp_path: Path, models_dir: Path
 ) -> None:
@@ -216,13 +230,7 @@ def test_a_lone_request_runs_on_a_second_session_with_every_core(
     from appliance.models.registry import Registry
     from tests.conftest import make_settings
 
-    settings = make_settings(
-        tmp_path / "data",
-        models_dir,
-        APPLIANCE_RUNTIME__STREAMS="2",
-        APPLIANCE_RUNTIME__INTRA_OP_THREADS="1",
-        APPLIANCE_RUNTIME__LONE_CALL_THREADS="2",
-    )
+    settings = _lone_calls_on(tmp_path / "data", models_dir)
 
     def counted(session: object, calls: list[int]) -> None:
         real = session.run  # type: ignore[attr-defined]
@@ -292,7 +300,6 @@ def test_a_model_serves_without_its_lone_call_session_when_that_fails_to_open(
     import asyncio
 
     from appliance.models import registry as registry_module
-    from tests.conftest import make_settings
 
     real = registry_module.create_session
 
@@ -302,13 +309,7 @@ def test_a_model_serves_without_its_lone_call_session_when_that_fails_to_open(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(registry_module, "create_session", create_session)
-    settings = make_settings(
-        tmp_path / "data",
-        models_dir,
-        APPLIANCE_RUNTIME__LONE_CALL_THREADS="2",
-        APPLIANCE_RUNTIME__STREAMS="2",
-        APPLIANCE_RUNTIME__INTRA_OP_THREADS="1",
-    )
+    settings = _lone_calls_on(tmp_path / "data", models_dir)
 
     async def main() -> None:
         registry = registry_module.Registry(settings, alone=lambda: True)
