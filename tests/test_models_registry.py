@@ -327,3 +327,42 @@ def test_a_model_serves_without_its_lone_call_session_when_that_fails_to_open(
 
     asyncio.run(main())
     assert "no session of its own for lone calls" in caplog.text
+
+
+def test_a_lone_call_session_runs_where_the_model_does_and_warns_only_once(
+    tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Asked for a provider this machine lacks, a model with a lone call's session says so
+    once: the second session runs on what the first one chose, not on a second choice."""
+    import asyncio
+    import shutil
+
+    from appliance.models.registry import Registry
+    from tests.conftest import make_settings
+
+    only = tmp_path / "models"
+    shutil.copytree(models_dir / "tiny-embed", only / "tiny-embed")
+    settings = make_settings(
+        tmp_path / "data",
+        only,
+        APPLIANCE_RUNTIME__PROVIDERS='["CUDAExecutionProvider", "CPUExecutionProvider"]',
+        APPLIANCE_RUNTIME__STREAMS="2",
+        APPLIANCE_RUNTIME__INTRA_OP_THREADS="1",
+        APPLIANCE_RUNTIME__LONE_CALL_THREADS="2",
+    )
+
+    async def main() -> tuple[list[str], list[str]]:
+        registry = Registry(settings, alone=lambda: True)
+        await registry.start()
+        try:
+            entry = registry.get("tiny-embed")
+            assert entry.runner is not None and entry.lone is not None
+            return entry.runner.session.get_providers(), entry.lone.session.get_providers()
+        finally:
+            await registry.stop()
+
+    with caplog.at_level("WARNING", logger="appliance.runtime"):
+        streams, lone = asyncio.run(main())
+    assert lone == streams == ["CPUExecutionProvider"]
+    skipped = [r for r in caplog.records if "not available here" in r.getMessage()]
+    assert len(skipped) == 1, [r.getMessage() for r in skipped]

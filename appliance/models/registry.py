@@ -169,7 +169,10 @@ class Registry:
         if time.perf_counter() - started > INLINE_SECONDS:
             return runner, None
         try:
-            lone = runner.with_session(create_session(path, rt, threads=lone_threads, spin=True))
+            lone_session = create_session(
+                path, rt, threads=lone_threads, spin=True, providers=session.get_providers()
+            )
+            lone = runner.with_session(lone_session)
             lone.warmup()
         except Exception:  # optional: the model serves without it
             log.exception("model %s: no session of its own for lone calls", folder.name)

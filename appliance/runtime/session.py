@@ -131,11 +131,13 @@ def create_session(
     arena: bool = False,
     threads: int | None = None,
     spin: bool = False,
+    providers: list[str] | None = None,
 ) -> ort.InferenceSession:
     """A session for `path`; `arena`: keep the CPU memory arena (per-token decoders);
     `threads`: intra-op threads (default: config, else every usable core); `spin`: see
-    session_options."""
-    providers = choose_providers(config.providers)
+    session_options; `providers`: what another session of the model already runs on (its
+    `get_providers()`), so the choice and its warnings are made once per model."""
+    providers = providers or choose_providers(config.providers)
     options = session_options(config, arena=arena, threads=threads, spin=spin)
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     # onnxruntime-gpu lists CUDA even without a GPU and silently runs on CPU: check what it chose.
