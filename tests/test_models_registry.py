@@ -205,8 +205,9 @@ def test_an_interrupted_swap_is_recovered_at_scan(serve, tmp_path: Path, models_
     assert (root / "tiny-embed").is_dir() and not (root / ".tiny-embed.old").exists()
 
 
-def _lone_calls_on(data_dir: Path, models_dir: Path) -> Settings:
-    """Two one-thread streams and a lone call's session of two threads, whatever the cores."""
+def _lone_calls_on(data_dir: Path, models_dir: Path, **env: str) -> Settings:
+    """Two one-thread streams and a lone call's session of two threads, whatever the cores;
+    `env`: further settings."""
     from tests.conftest import make_settings
 
     return make_settings(
@@ -215,6 +216,7 @@ def _lone_calls_on(data_dir: Path, models_dir: Path) -> Settings:
         APPLIANCE_RUNTIME__STREAMS="2",
         APPLIANCE_RUNTIME__INTRA_OP_THREADS="1",
         APPLIANCE_RUNTIME__LONE_CALL_THREADS="2",
+        **env,
     )
 
 
@@ -338,17 +340,13 @@ def test_a_lone_call_session_runs_where_the_model_does_and_warns_only_once(
     import shutil
 
     from appliance.models.registry import Registry
-    from tests.conftest import make_settings
 
     only = tmp_path / "models"
     shutil.copytree(models_dir / "tiny-embed", only / "tiny-embed")
-    settings = make_settings(
+    settings = _lone_calls_on(
         tmp_path / "data",
         only,
         APPLIANCE_RUNTIME__PROVIDERS='["CUDAExecutionProvider", "CPUExecutionProvider"]',
-        APPLIANCE_RUNTIME__STREAMS="2",
-        APPLIANCE_RUNTIME__INTRA_OP_THREADS="1",
-        APPLIANCE_RUNTIME__LONE_CALL_THREADS="2",
     )
 
     async def main() -> tuple[list[str], list[str]]:

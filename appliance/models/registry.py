@@ -158,10 +158,11 @@ class Registry:
             return runner, None
         runner.warmup()
         lone_threads = lone_call_threads(rt, manifest.task, workers)
+        providers = session.get_providers()  # the lone call's session runs on them too
         if (
             self._alone is None  # batch jobs' own processes: never a lone call
             or not lone_threads
-            or session.get_providers()[0] != "CPUExecutionProvider"  # threads are CPU's
+            or providers[0] != "CPUExecutionProvider"  # threads are CPU's
         ):
             return runner, None
         started = time.perf_counter()
@@ -170,7 +171,7 @@ class Registry:
             return runner, None
         try:
             lone_session = create_session(
-                path, rt, threads=lone_threads, spin=True, providers=session.get_providers()
+                path, rt, threads=lone_threads, spin=True, providers=providers
             )
             lone = runner.with_session(lone_session)
             lone.warmup()
