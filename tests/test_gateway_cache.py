@@ -121,3 +121,62 @@ def test_an_expired_entry_in_memory_is_a_miss(tmp_path: Path) -> None:
     cache._memory.put("a", old)  # type: ignore[union-attr]
     assert cache.get_local(["a"]) == {}
     cache.close()
+
+
+def _ready(cache: ResponseCache) -> None:
+    """Wait for the writer thread to have read the keys already on disk into the filter."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while not (cache._filter is not None and cache._filter.ready):
+        assert time.monotonic() < deadline, "the key filter never became ready"
+        time.sleep(0.01)
+
+
+def test_a_miss_the_key_filter_rules_out_never_reads_the_disk_and_no_stored_key_is_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.gateway.cache import cache_key
+
+    stored = [cache_key("m", "f", "t", f"text {i}", {}) for i in range(2000)]
+    first = make(tmp_path / "c")
+    first.set_many({k: ({"v": i}, False) for i, k in enumerate(stored)})
+    first.close()
+    cache = make(tmp_path / "c")  # a restart: the keys come from the disk alone
+    _ready(cache)
+    reads = []
+    real_get = diskcache.Cache.get
+
+    def counted(self: diskcache.Cache, key: str, *args: object, **kwargs: object) -> object:
+        reads.append(key)
+        return real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Cache, "get", counted)
+    hits = cache.get_local(stored)
+    assert len(hits) == len(stored) and hits[stored[7]].output == {"v": 7}
+    assert len(reads) == len(stored)
+    reads.clear()
+    unknown = [cache_key("m", "f", "t", f"other {i}", {}) for i in range(2000)]
+    assert cache.get_local(unknown) == {}
+    assert len(reads) <= 40  # false positives: ~1% at this size, each one lookup as before
+    cache.close()
+
+
+def test_an_answer_another_worker_commits_is_found_once_the_filter_catches_up(
+    tmp_path: Path,
+) -> None:
+    """Two caches on one directory: what server.workers > 1 gives each worker process."""
+    import time
+
+    from appliance.gateway.cache import KEY_FILTER_SYNC_SECONDS
+
+    mine, other = make(tmp_path / "c"), make(tmp_path / "c")
+    _ready(mine)
+    _ready(other)
+    assert mine.get_local(["k"]) == {}
+    other.set_many({"k": ({"v": 1}, False)})
+    other.flush()
+    time.sleep(KEY_FILTER_SYNC_SECONDS * 2)
+    assert mine.get_local(["k"])["k"].output == {"v": 1}
+    other.close()
+    mine.close()
