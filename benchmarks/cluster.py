@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import Target, ensure_wrk, run_load
-from benchmarks.procs import Monitor, Server, free_port
+from benchmarks.procs import Monitor, Server, free_port, one_model_dir
 from benchmarks.texts import short_single
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,9 +105,10 @@ def measure(
             runs: dict[str, list[dict[str, Any]]] = {"single": [], "cluster": []}
             servers: dict[str, tuple[Server, Monitor, Target]] = {}
             try:
+                served = one_model_dir(models_dir, model, run)
                 for name in ("single", "cluster"):
                     server, base = _replica(
-                        name, run, models_dir, cluster if name == "cluster" else None
+                        name, run, served, cluster if name == "cluster" else None
                     )
                     key = _admin_key(run / f"{name}.toml")
                     server.start()

@@ -22,6 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_model_dir(models_dir: Path, model: str, into: Path) -> Path:
+    """A models_dir holding only `model` (a link to its folder): a server measured on one
+    model opens no other (`make export-defaults` puts a generator beside the embedder, whose
+    memory and start-up would count against the one measured)."""
+    only = into / f"models-{model}"
+    only.mkdir(parents=True, exist_ok=True)
+    link = only / model
+    if not link.exists():
+        link.symlink_to((models_dir / model).resolve(), target_is_directory=True)
+    return only
+
+
 class Server:
     def __init__(
         self,

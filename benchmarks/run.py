@@ -29,7 +29,7 @@ import httpx
 from benchmarks import infinity, report
 from benchmarks.fidelity import cosines
 from benchmarks.loadgen import Target, ensure_wrk, run_load
-from benchmarks.procs import Monitor, Server, free_port
+from benchmarks.procs import Monitor, Server, free_port, one_model_dir
 from benchmarks.texts import FIDELITY_SENTENCES, Shape, make_shapes, vocabulary_words
 
 ALL_SYSTEMS = ("appliance", "torch", "infinity", "engine", "batch-run", "cluster")
@@ -210,6 +210,7 @@ def _appliance(
 ) -> HttpSystem:
     data = run_dir / "appliance-data"
     data.mkdir(parents=True, exist_ok=True)
+    models_dir = one_model_dir(models_dir, model, run_dir)
     config = run_dir / "appliance.toml"
     # The defaults but for limits, which would throttle a load test (600 requests/minute per
     # key) and a queue big enough for c=128 x 32 texts. Cache on, as shipped: every load body

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import Target, ensure_wrk, run_load
-from benchmarks.procs import Monitor, Server, free_port
+from benchmarks.procs import Monitor, Server, free_port, one_model_dir
 from benchmarks.texts import Shape, short_single
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def measure(models_dir: Path, model: str, seconds: float, rounds: int) -> dict[s
         servers: dict[str, tuple[Server, Monitor, Target]] = {}
         try:
             for workers in (1, 2):
-                server, base, key = _server(workers, run, models_dir)
+                server, base, key = _server(workers, run, one_model_dir(models_dir, model, run))
                 server.start()
                 assert server.proc is not None
                 target = Target(f"{base}/v1/text-vectorisation", "text", model, {"x-api-key": key})
