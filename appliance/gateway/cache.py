@@ -1,4 +1,4 @@
-"""The disk response cache (diskcache, JSON on disk rather than pickle).
+"""The disk response cache (diskcache; msgpack blobs on disk, never pickle).
 
 Keyed per item by model slug, the model files' fingerprint (a re-exported model never serves
 stale answers), task, the normalised input and the parameters that change the output.
@@ -8,8 +8,10 @@ cache may make a request faster, never make it fail.
 Writes are behind: `set_many` only queues the encoded entries (readable at once by
 `get_many`), and one writer thread commits whatever queued meanwhile in one SQLite
 transaction. Under load that is one commit for many requests instead of one per request, and
-no request waits for the disk. Reads are one indexed SQLite lookup per key (microseconds,
-WAL: never blocked by the writer). `flush` (and `close`) wait for queued writes.
+no request waits for the disk. Reads go to memory first (the entries used last, and those
+queued), then to one indexed SQLite lookup per key (WAL: never blocked by the writer),
+which a Bloom filter of the keys on disk skips for most misses. `flush` (and `close`) wait
+for queued writes.
 """
 
 from __future__ import annotations
