@@ -18,6 +18,19 @@ def make(path: Path, memory_bytes: int = 0) -> ResponseCache:
     return ResponseCache(path, size_limit_bytes=10**8, ttl_seconds=3600, memory_bytes=memory_bytes)
 
 
+def _disk_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys looked up in SQLite from now on (the real lookups, recorded)."""
+    reads: list[str] = []
+    real_get = diskcache.Cache.get
+
+    def counted(self: diskcache.Cache, key: str, *args: object, **kwargs: object) -> object:
+        reads.append(key)
+        return real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Cache, "get", counted)
+    return reads
+
+
 def test_a_queued_answer_is_readable_before_its_write_and_lands_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,14 +102,7 @@ def test_the_memory_level_answers_repeats_without_the_disk_and_stays_in_its_budg
     cache.flush()
     assert cache._memory is not None and cache._memory.size <= 4096
     # The last ones written are in memory: read with the disk unreadable.
-    reads = []
-    real_get = diskcache.Cache.get
-
-    def counted(self: diskcache.Cache, key: str, *args: object, **kwargs: object) -> object:
-        reads.append(key)
-        return real_get(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(diskcache.Cache, "get", counted)
+    reads = _disk_reads(monkeypatch)
     assert cache.get_local(["k199"])["k199"].output == {"v": "x" * 100}
     assert reads == []
     # An old one comes from disk, and is then remembered.
@@ -144,14 +150,7 @@ def test_a_miss_the_key_filter_rules_out_never_reads_the_disk_and_no_stored_key_
     first.close()
     cache = make(tmp_path / "c")  # a restart: the keys come from the disk alone
     _ready(cache)
-    reads = []
-    real_get = diskcache.Cache.get
-
-    def counted(self: diskcache.Cache, key: str, *args: object, **kwargs: object) -> object:
-        reads.append(key)
-        return real_get(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(diskcache.Cache, "get", counted)
+    reads = _disk_reads(monkeypatch)
     hits = cache.get_local(stored)
     assert len(hits) == len(stored) and hits[stored[7]].output == {"v": 7}
     assert len(reads) == len(stored)
