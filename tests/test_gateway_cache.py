@@ -179,3 +179,32 @@ def test_an_answer_another_worker_commits_is_found_once_the_filter_catches_up(
     assert mine.get_local(["k"])["k"].output == {"v": 1}
     other.close()
     mine.close()
+
+
+def test_many_keys_are_read_from_the_disk_a_bounded_chunk_at_a_time_and_none_is_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start (chunks of ten reads) and behind other workers (a read per lookup, each
+    key looked up on disk while the filter is still behind)."""
+    import time
+
+    from appliance.gateway import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "KEY_READ_ROWS", 50)
+    old = [f"old {i}" for i in range(1200)]
+    first = make(tmp_path / "c")
+    first.set_many({k: ({"v": k}, False) for k in old})
+    first.close()
+    mine, other = make(tmp_path / "c"), make(tmp_path / "c")
+    _ready(mine)
+    _ready(other)
+    assert len(mine.get_local(old)) == len(old)
+    new = [f"new {i}" for i in range(400)]
+    other.set_many({k: ({"v": k}, False) for k in new})
+    other.flush()
+    time.sleep(cache_module.KEY_FILTER_SYNC_SECONDS * 2)
+    # The last one first: the first read after the sync interval holds only the first 50.
+    assert mine.get_local(["new 399"])["new 399"].output == {"v": "new 399"}
+    assert len(mine.get_local(new)) == len(new)
+    other.close()
+    mine.close()

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -129,6 +129,10 @@ class _Memory:
 KEY_FILTER_HASHES = 7
 """Bits set per key in the key filter: about 1% false positives at 10 bits per key."""
 
+KEY_READ_ROWS = 1000
+"""Keys read from the disk's table in one statement on the event loop, at most (~2 ms);
+the first read of all of them, off the loop, takes ten times as many per statement."""
+
 KEY_FILTER_SYNC_SECONDS = 0.05
 """At most this often, a lookup first reads the keys other processes (server.workers) have
 committed since the last look, so that their answers are found here too."""
@@ -190,8 +194,10 @@ class _KeyFilter:
 
 class _DiskKeys:
     """The keys committed to the disk cache, read by rowid order: all of them once, then
-    those added since (by this process or another one sharing the directory). diskcache
-    keeps a text key as is in its `Cache` table and gives a new row the next rowid."""
+    those added since (by this process or another one sharing the directory), a bounded
+    number at a time so that neither a big cache nor a long backlog is ever held in memory
+    or read on the event loop at once. diskcache keeps a text key as is in its
+    `Cache` table and gives a new row the next rowid."""
 
     def __init__(self, path: Path) -> None:
         self._connection = sqlite3.connect(path, timeout=1, check_same_thread=False)
@@ -199,22 +205,37 @@ class _DiskKeys:
         self._lock = threading.Lock()
         self._synced = 0.0
 
-    def since_last(self, *, wait: bool = True) -> list[str]:
-        """The text keys committed since the last call (none if another thread is reading
-        them now and `wait` is false)."""
+    def since_last(
+        self, *, wait: bool = True, limit: int | None = None
+    ) -> tuple[list[str], bool] | None:
+        """Up to `limit` (KEY_READ_ROWS) text keys committed since the last call, and whether
+        those were all of them (if not, the next call is due at once); None if another thread
+        is reading them now and `wait` is false."""
+        limit = limit or KEY_READ_ROWS
         if not self._lock.acquire(blocking=wait):
-            return []
+            return None
         try:
             rows = self._connection.execute(
-                "SELECT rowid, key FROM Cache WHERE rowid > ? AND raw ORDER BY rowid",
-                (self._seen,),
+                "SELECT rowid, key FROM Cache WHERE rowid > ? AND raw ORDER BY rowid LIMIT ?",
+                (self._seen, limit),
             ).fetchall()
+            complete = len(rows) < limit
             if rows:
                 self._seen = rows[-1][0]
-            self._synced = time.monotonic()
+            self._synced = time.monotonic() if complete else 0.0
         finally:
             self._lock.release()
-        return [key for _, key in rows if isinstance(key, str)]
+        return [key for _, key in rows if isinstance(key, str)], complete
+
+    def every_key(self) -> Iterator[str]:
+        """Every text key on disk now, read a chunk at a time."""
+        while True:
+            read = self.since_last(limit=10 * KEY_READ_ROWS)
+            assert read is not None  # waited for the lock
+            keys, complete = read
+            yield from keys
+            if complete:
+                return
 
     def due(self) -> bool:
         return time.monotonic() - self._synced >= KEY_FILTER_SYNC_SECONDS
@@ -314,12 +335,18 @@ class ResponseCache:
         if not disk.due():
             return False
         try:
-            known.add(disk.since_last(wait=False))
+            read = disk.since_last(wait=False)
         except Exception as exc:
             known.ready = False
             log.warning("cache keys unreadable (%s): every miss is looked up on disk", exc)
             return True
-        return known.may_hold(key)
+        if read is None:  # another thread is reading them this moment: look on disk
+            return True
+        keys, complete = read
+        known.add(keys)
+        # Still behind (other workers wrote more than one read since this one last looked):
+        # the key may be among those not read yet.
+        return not complete or known.may_hold(key)
 
     def _load_disk_keys(self) -> None:
         """At the writer's start: every key on disk into the filter (until then, and if this
@@ -327,7 +354,7 @@ class ResponseCache:
         assert self._cache is not None and self._filter is not None
         try:
             disk = _DiskKeys(Path(self._cache.directory) / diskcache.core.DBNAME)
-            self._filter.load(disk.since_last())
+            self._filter.load(disk.every_key())
             self._disk_keys = disk
         except Exception as exc:
             log.warning("cache keys unreadable (%s): every miss is looked up on disk", exc)
