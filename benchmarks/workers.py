@@ -77,8 +77,9 @@ def measure(models_dir: Path, model: str, seconds: float, rounds: int) -> dict[s
         run = Path(tmp)
         servers: dict[str, tuple[Server, Monitor, Target]] = {}
         try:
+            served = one_model_dir(models_dir, model, run)
             for workers in (1, 2):
-                server, base, key = _server(workers, run, one_model_dir(models_dir, model, run))
+                server, base, key = _server(workers, run, served)
                 server.start()
                 assert server.proc is not None
                 target = Target(f"{base}/v1/text-vectorisation", "text", model, {"x-api-key": key})

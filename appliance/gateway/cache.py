@@ -330,7 +330,7 @@ class ResponseCache:
         checked once more against what other processes committed, at most every
         KEY_FILTER_SYNC_SECONDS."""
         known, disk = self._filter, self._disk_keys
-        if known is None or disk is None or not known.ready or known.may_hold(key):
+        if known is None or disk is None or known.may_hold(key):  # may_hold: True until ready
             return True
         if not disk.due():
             return False
