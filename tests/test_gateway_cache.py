@@ -4,6 +4,7 @@ thread in batches, flushed on close, and a failing disk only loses cache entries
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -208,3 +209,96 @@ def test_many_keys_are_read_from_the_disk_a_bounded_chunk_at_a_time_and_none_is_
     assert len(mine.get_local(new)) == len(new)
     other.close()
     mine.close()
+
+
+def test_a_key_stored_under_a_reused_rowid_is_found_by_the_other_worker(tmp_path: Path) -> None:
+    """diskcache's table gives a new row the highest rowid + 1: once the newest rows are
+    deleted (here expired, culled by an update's write), the next insert takes a rowid
+    another worker has read past."""
+    import time
+
+    from appliance.gateway.cache import KEY_FILTER_SYNC_SECONDS
+
+    def short_lived() -> ResponseCache:
+        return ResponseCache(tmp_path / "c", size_limit_bytes=10**8, ttl_seconds=1, memory_bytes=0)
+
+    mine, other = short_lived(), short_lived()
+    _ready(mine)
+    _ready(other)
+    other.set_many({"k1": ({"v": 1}, False), "k2": ({"v": 2}, False)})
+    other.flush()
+    time.sleep(KEY_FILTER_SYNC_SECONDS * 2)
+    assert mine.get_local(["zz"]) == {}  # caught up with both rows
+    time.sleep(1.2)  # both expire
+    other.set_many({"k1": ({"v": 1}, False)})  # an update; its cull deletes k2's row
+    other.flush()
+    other.set_many({"k3": ({"v": 3}, False)})  # inserted under k2's old rowid
+    other.flush()
+    rows = sqlite3.connect(tmp_path / "c" / diskcache.core.DBNAME).execute(
+        "SELECT rowid, key FROM Cache ORDER BY rowid"
+    )
+    assert rows.fetchall() == [(1, "k1"), (2, "k3")]  # the case this test is about
+    time.sleep(KEY_FILTER_SYNC_SECONDS * 2)
+    assert mine.get_local(["k3"])["k3"].output == {"v": 3}
+    other.close()
+    mine.close()
+
+
+def test_a_worker_the_key_log_left_behind_reads_every_key_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle while another worker inserted more than the log keeps: no key is missed, and
+    once the writer has read them all again misses are ruled out as before."""
+    import time
+
+    from appliance.gateway import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "KEY_LOG_ROWS", 20)  # pruned every 2 answers written
+    mine, other = make(tmp_path / "c"), make(tmp_path / "c")
+    _ready(mine)
+    _ready(other)
+    written = [f"k{i}" for i in range(100)]
+    for i in range(0, 100, 5):
+        other.set_many({k: ({"v": k}, False) for k in written[i : i + 5]})
+        other.flush()
+    (first,) = (
+        sqlite3.connect(tmp_path / "c" / diskcache.core.DBNAME)
+        .execute("SELECT min(seq) FROM appliance_key_log")
+        .fetchone()
+    )
+    assert first > 1  # the entries mine never read are gone
+    time.sleep(cache_module.KEY_FILTER_SYNC_SECONDS * 2)
+    assert mine.get_local(["k0"])["k0"].output == {"v": "k0"}
+    _ready(mine)
+    reads = _disk_reads(monkeypatch)
+    assert len(mine.get_local(written)) == len(written)
+    reads.clear()
+    assert mine.get_local([f"none {i}" for i in range(200)]) == {}
+    assert len(reads) <= 10
+    other.close()
+    mine.close()
+
+
+def test_an_error_of_the_shared_level_does_not_stop_the_writer(tmp_path: Path) -> None:
+    """Cluster mode: Redis refusing writes (out of memory, a read-only replica) costs the
+    other replicas that answer, never this disk's."""
+
+    class Refusing:
+        def get_many(self, keys: list[str]) -> dict[str, bytes]:
+            return {}
+
+        def names(self, keys: list[str]) -> list[str]:
+            return keys
+
+        def set_many(self, blobs: dict[str, bytes], ttl: float) -> None:
+            raise RuntimeError("OOM command not allowed when used memory > 'maxmemory'")
+
+    cache = ResponseCache(
+        tmp_path / "c", size_limit_bytes=10**8, ttl_seconds=3600, memory_bytes=0, shared=Refusing()
+    )
+    for round_ in range(2):
+        cache.set_many({f"a{round_}": ({"x": round_}, False)})
+        cache.flush(timeout=3)
+    assert cache._writer is not None and cache._writer.is_alive()
+    assert diskcache.Cache(str(tmp_path / "c")).get("a1") is not None
+    cache.close()

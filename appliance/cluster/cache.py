@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 
-from appliance.cluster.redis_client import ERRORS, RedisBackend
+import redis
+
+from appliance.cluster.redis_client import RedisBackend
 
 PREFIX = "apl:cache:"
 
@@ -19,7 +21,7 @@ class RedisSharedCache:
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         try:
             values = self.backend.call(self.backend.client.mget, [PREFIX + k for k in keys])
-        except ERRORS:
+        except redis.RedisError:
             return {}
         return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
 
@@ -32,5 +34,7 @@ class RedisSharedCache:
         pipe = self.backend.client.pipeline(transaction=False)
         for key, blob in blobs.items():
             pipe.set(PREFIX + key, blob, ex=max(1, int(ttl)))
-        with contextlib.suppress(*ERRORS):  # then uncached on the other replicas only
+        # Unreachable, or refusing writes (out of memory, a read-only replica after a
+        # failover): then uncached on the other replicas only.
+        with contextlib.suppress(redis.RedisError):
             self.backend.call(pipe.execute)

@@ -192,50 +192,102 @@ class _KeyFilter:
         return all(bits[p >> 3] >> (p & 7) & 1 for p in self._positions(key))
 
 
-class _DiskKeys:
-    """The keys committed to the disk cache, read by rowid order: all of them once, then
-    those added since (by this process or another one sharing the directory), a bounded
-    number at a time so that neither a big cache nor a long backlog is ever held in memory
-    or read on the event loop at once. diskcache keeps a text key as is in its
-    `Cache` table and gives a new row the next rowid."""
+KEY_LOG_ROWS = 100_000
+"""Keys the disk's key log keeps for other processes to read (~8 MB); a process further
+behind (idle while the others inserted that many) reads every key on disk again."""
 
-    def __init__(self, path: Path) -> None:
-        self._connection = sqlite3.connect(path, timeout=1, check_same_thread=False)
-        self._seen = 0
+_KEY_LOG = (
+    "CREATE TABLE IF NOT EXISTS appliance_key_log"
+    " (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS appliance_key_logged AFTER INSERT ON Cache"
+    " WHEN new.raw AND typeof(new.key) = 'text'"
+    " BEGIN INSERT INTO appliance_key_log (key) VALUES (new.key); END",
+)
+
+
+class _DiskKeys:
+    """The keys committed to the disk cache, put into the key filter: every key once (a scan
+    of diskcache's table), then those inserted since, by this process or another one sharing
+    the directory, from a log an SQLite trigger fills in the inserting transaction: commit
+    order, numbered by AUTOINCREMENT, which never gives a number twice. (The table's own
+    rowids do: a row inserted after the highest ones were deleted, by expiry or eviction,
+    takes their rowid again, behind where a reader stopped.) Reads are bounded, so neither
+    a big cache nor a long backlog is ever held in memory or read on the event loop at once.
+    `lost`: the log was pruned past keys this process had not read; it must scan again."""
+
+    def __init__(self, path: Path, known: _KeyFilter) -> None:
+        # Autocommit: reads see every commit (WAL: they never wait for a writer); the
+        # trigger's creation and the pruning are writes, made from the writer thread.
+        self._connection = sqlite3.connect(
+            path, timeout=5, check_same_thread=False, isolation_level=None
+        )
+        self._known = known
+        self._seen = 0  # the last log entry read
         self._lock = threading.Lock()
         self._synced = 0.0
+        self.lost = False
+        with self._lock:
+            for statement in _KEY_LOG:
+                self._connection.execute(statement)
 
-    def since_last(
-        self, *, wait: bool = True, limit: int | None = None
-    ) -> tuple[list[str], bool] | None:
-        """Up to `limit` (KEY_READ_ROWS) text keys committed since the last call, and whether
-        those were all of them (if not, the next call is due at once); None if another thread
-        is reading them now and `wait` is false."""
-        limit = limit or KEY_READ_ROWS
+    def load(self) -> None:
+        """Every key on disk into the filter (in the writer thread: a big cache holds
+        millions), then the log from where it stood before the scan began."""
+        with self._lock:
+            self._known.ready = False  # until the scan is in: every miss looked up on disk
+            (last,) = self._connection.execute(
+                "SELECT coalesce(max(seq), 0) FROM appliance_key_log"
+            ).fetchone()
+            self._seen, self._synced, self.lost = last, 0.0, False
+        self._known.load(self._scan())
+
+    def _scan(self) -> Iterator[str]:
+        rowid, size = 0, 10 * KEY_READ_ROWS
+        while True:
+            with self._lock:
+                rows = self._connection.execute(
+                    "SELECT rowid, key FROM Cache WHERE rowid > ? AND raw ORDER BY rowid LIMIT ?",
+                    (rowid, size),
+                ).fetchall()
+            yield from (key for _, key in rows if isinstance(key, str))
+            if len(rows) < size:
+                return
+            rowid = rows[-1][0]
+
+    def catch_up(self, *, wait: bool = True) -> bool | None:
+        """Put up to KEY_READ_ROWS keys inserted since the last read into the filter; whether
+        those were all of them (if not, the next call is due at once). None: another thread
+        is reading them this moment and `wait` is false. False with `lost` set: keys not
+        read yet are gone from the log (the filter stops ruling out until `load`)."""
         if not self._lock.acquire(blocking=wait):
             return None
         try:
             rows = self._connection.execute(
-                "SELECT rowid, key FROM Cache WHERE rowid > ? AND raw ORDER BY rowid LIMIT ?",
-                (self._seen, limit),
+                "SELECT seq, key FROM appliance_key_log WHERE seq > ? ORDER BY seq LIMIT ?",
+                (self._seen, KEY_READ_ROWS),
             ).fetchall()
-            complete = len(rows) < limit
+            if rows and rows[0][0] != self._seen + 1:  # numbers run on but for pruning
+                self.lost, self._known.ready = True, False
+                return False
+            # Into the filter before the time is noted: no thread may see the sync done
+            # and rule out a key that is in this read.
+            self._known.add(key for _, key in rows)
+            complete = len(rows) < KEY_READ_ROWS
             if rows:
                 self._seen = rows[-1][0]
             self._synced = time.monotonic() if complete else 0.0
+            return complete
         finally:
             self._lock.release()
-        return [key for _, key in rows if isinstance(key, str)], complete
 
-    def every_key(self) -> Iterator[str]:
-        """Every text key on disk now, read a chunk at a time."""
-        while True:
-            read = self.since_last(limit=10 * KEY_READ_ROWS)
-            assert read is not None  # waited for the lock
-            keys, complete = read
-            yield from keys
-            if complete:
-                return
+    def prune(self) -> None:
+        """Drop log entries older than the last KEY_LOG_ROWS (the writer thread)."""
+        with self._lock:
+            self._connection.execute(
+                "DELETE FROM appliance_key_log"
+                " WHERE seq <= (SELECT max(seq) FROM appliance_key_log) - ?",
+                (KEY_LOG_ROWS,),
+            )
 
     def due(self) -> bool:
         return time.monotonic() - self._synced >= KEY_FILTER_SYNC_SECONDS
@@ -267,7 +319,9 @@ class ResponseCache:
         # ~1 MB at the default 1 GB: few false positives for vectors (~3.5 KB an entry),
         # more for small answers, each only the lookup every miss used to cost.
         self._filter = _KeyFilter(size_limit_bytes // 2048) if self._cache is not None else None
-        self._disk_keys: _DiskKeys | None = None
+        self._disk_keys: _DiskKeys | None = None  # set by the writer thread
+        self._reload_keys = False  # the key log lost keys: the writer scans the disk again
+        self._logged = 0  # answers written since the key log was last pruned
         self._queued: dict[str, bytes] = {}  # encoded entries not yet committed
         self._local_only: dict[str, bytes] = {}  # queued entries that came from `shared`
         self._lock = threading.Lock()
@@ -335,28 +389,34 @@ class ResponseCache:
         if not disk.due():
             return False
         try:
-            read = disk.since_last(wait=False)
+            complete = disk.catch_up(wait=False)
         except Exception as exc:
             known.ready = False
             log.warning("cache keys unreadable (%s): every miss is looked up on disk", exc)
             return True
-        if read is None:  # another thread is reading them this moment: look on disk
+        if complete is None:  # another thread is reading them this moment: look on disk
             return True
-        keys, complete = read
-        known.add(keys)
+        if disk.lost:  # the writer reads every key again; until then every miss goes to disk
+            with self._lock:
+                self._reload_keys = True
+                self._wake.notify_all()
+            return True
         # Still behind (other workers wrote more than one read since this one last looked):
         # the key may be among those not read yet.
         return not complete or known.may_hold(key)
 
     def _load_disk_keys(self) -> None:
-        """At the writer's start: every key on disk into the filter (until then, and if this
-        fails, every miss is looked up on disk as before)."""
+        """In the writer thread, at its start and when the key log lost keys not read yet:
+        every key on disk into the filter (until then, and if this fails, every miss is
+        looked up on disk as before)."""
         assert self._cache is not None and self._filter is not None
         try:
-            disk = _DiskKeys(Path(self._cache.directory) / diskcache.core.DBNAME)
-            self._filter.load(disk.every_key())
-            self._disk_keys = disk
+            if self._disk_keys is None:
+                path = Path(self._cache.directory) / diskcache.core.DBNAME
+                self._disk_keys = _DiskKeys(path, self._filter)
+            self._disk_keys.load()
         except Exception as exc:
+            self._filter.ready = False
             log.warning("cache keys unreadable (%s): every miss is looked up on disk", exc)
 
     def get_many(self, keys: list[str]) -> dict[str, Hit]:
@@ -468,8 +528,15 @@ class ResponseCache:
         while True:
             with self._lock:
                 self._writer_idle = True
-                self._wake.wait_for(lambda: self._written < self._writes or self._closing)
+                self._wake.wait_for(
+                    lambda: self._written < self._writes or self._closing or self._reload_keys
+                )
                 self._writer_idle = False
+                reload, self._reload_keys = self._reload_keys, False
+            if reload:
+                self._load_disk_keys()
+                continue
+            with self._lock:
                 if self._written >= self._writes:  # closing, nothing left
                     return
                 # Gather what comes meanwhile into the same transaction: under load one
@@ -480,8 +547,11 @@ class ResponseCache:
                 local_only, self._local_only = self._local_only, {}
             if self.shared is not None:
                 fresh = {k: v for k, v in batch.items() if local_only.get(k) is not v}
-                if fresh:
-                    self.shared.set_many(fresh, self.ttl)
+                try:
+                    if fresh:
+                        self.shared.set_many(fresh, self.ttl)
+                except Exception as exc:  # the writer must outlive any shared-level error
+                    log.warning("shared cache write failed (%s): %d local only", exc, len(fresh))
             try:
                 # One SQLite transaction for everything queued meanwhile.
                 with self._cache.transact():
@@ -489,6 +559,13 @@ class ResponseCache:
                         self._cache.set(key, blob, expire=self.ttl)
             except Exception as exc:
                 log.warning("cache write failed (%s): %d answers left uncached", exc, len(batch))
+            self._logged += len(batch)
+            if self._logged >= KEY_LOG_ROWS // 10 and self._disk_keys is not None:
+                self._logged = 0
+                try:
+                    self._disk_keys.prune()
+                except Exception as exc:  # the next one tries again
+                    log.warning("cache key log not pruned (%s)", exc)
             with self._lock:
                 for key, blob in batch.items():
                     if self._queued.get(key) is blob:
