@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from appliance.errors import Overloaded
+from appliance.errors import Overloaded, ValidationFailed
 from appliance.runtime.batcher import Batcher
 
 
@@ -92,6 +92,21 @@ def test_full_queue_is_refused_at_once() -> None:
         assert info.value.status_code == 503 and info.value.retry_after == 1
         gate.set()
         await asyncio.gather(running, queued)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_work_bigger_than_the_whole_queue_is_a_422_not_a_503() -> None:
+    """A 503 says "retry shortly": a request that can never fit must not be told so (a batch
+    job would retry it forever)."""
+
+    async def main() -> None:
+        b = make(Recorder(threading.Event()), max_queue=4)
+        b.start()
+        with pytest.raises(ValidationFailed) as info:
+            await b.submit([0, 1, 2, 3, 4], [1] * 5)
+        assert info.value.status_code == 422 and info.value.details["max_items"] == 4
         await b.stop()
 
     asyncio.run(main())

@@ -172,3 +172,23 @@ def test_both_routes_run_as_batch_jobs(client: TestClient, auth: dict[str, str])
     assert rows[1]["status"] in (400, 422)
     job, rows = run(client, key, b'{"query": "q", "texts": ["a", "b"]}\n', "/rerank")
     assert rows[0]["status"] == 200 and {x["index"] for x in rows[0]["response"]} == {0, 1}
+
+
+def test_more_documents_than_a_batch_may_hold_are_a_422_in_real_time_and_in_a_job(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    """server.max_batch_items, as on every batch route; a 503 would tell a job to retry
+    forever what can never fit."""
+    many = [f"document {i}" for i in range(1001)]
+    for path, body in (
+        ("/rerank", {"query": QUERY, "texts": many}),
+        ("/v1/rerank", {"query": QUERY, "documents": many, "model": "tiny-rerank"}),
+    ):
+        r = client.post(path, json=body, headers=auth)
+        assert r.status_code == 422 and r.json()["details"]["max_items"] == 1000, r.text
+    line = json.dumps({"query": QUERY, "documents": many}).encode() + b"\n"
+    nested = b'{"query": "q", "documents": ' + b"[" * 10_000 + b"\n"
+    job, rows = run(client, auth["x-api-key"], line + nested, "/v1/rerank", model="tiny-rerank")
+    assert job["status"] == "completed", job
+    assert [row["status"] for row in rows] == [422, 400]
+    assert rows[1]["error"]["code"] == "INVALID_JSON"

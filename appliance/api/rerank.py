@@ -18,7 +18,7 @@ from litestar import Request, Response, post
 
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Text
-from appliance.api.tasks import Endpoint, Work, work_of
+from appliance.api.tasks import Endpoint, Work, as_batch, work_of
 from appliance.api.tei import default_model
 from appliance.inference import Outcome
 
@@ -76,9 +76,11 @@ class RerankResponse(msgspec.Struct):
 
 
 async def scores(
-    query: str, texts: list[str], model: str | None, truncate: bool, work: Work
+    query: str, texts: list[str], model: str | None, truncate: bool, work: Work, field: str
 ) -> tuple[list[float], bool, Outcome]:
-    """(one score per text, whether they are logits, the outcome)."""
+    """(one score per text, whether they are logits, the outcome); `field`: where the texts
+    are in the body, for the 422 over server.max_batch_items, as every batch route has."""
+    as_batch(texts, field, work.settings.server.max_batch_items)
     slug = model or default_model(work, "reranker")
     entry = work.inference.registry.resolve(slug, "rerank")
     embedding = entry.manifest is not None and entry.manifest.task == EMBEDDING
@@ -105,7 +107,9 @@ def _score(value: float, logit: bool) -> float:
 
 
 async def tei_rerank(data: TEIRerankBody, work: Work) -> tuple[list[Rank], Outcome]:
-    raw, logits, outcome = await scores(data.query, data.texts, data.model, data.truncate, work)
+    raw, logits, outcome = await scores(
+        data.query, data.texts, data.model, data.truncate, work, "texts"
+    )
     ranks = [
         Rank(
             index=i,
@@ -119,7 +123,9 @@ async def tei_rerank(data: TEIRerankBody, work: Work) -> tuple[list[Rank], Outco
 
 async def cohere_rerank(data: RerankBody, work: Work) -> tuple[RerankResponse, Outcome]:
     texts = [d if isinstance(d, str) else d.text for d in data.documents]
-    raw, logits, outcome = await scores(data.query, texts, data.model, data.truncate, work)
+    raw, logits, outcome = await scores(
+        data.query, texts, data.model, data.truncate, work, "documents"
+    )
     results = sorted(
         (
             Result(

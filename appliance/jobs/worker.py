@@ -143,6 +143,8 @@ def decode_line(raw: bytes, target: JobEndpoint, model: str | None, classifier: 
         obj = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise InvalidJSON(f"The line is not valid JSON: {exc}") from None
+    except RecursionError:  # what the real-time decoder says of such a body, too
+        raise InvalidJSON("The line is not valid JSON: nested too deeply.") from None
     if isinstance(obj, dict):  # anything else: msgspec names the mismatch, as for litestar
         if model is not None:
             obj.setdefault("model", model)

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from appliance.errors import ModelUnavailable, Overloaded
+from appliance.errors import ModelUnavailable, Overloaded, ValidationFailed
 from appliance.runtime import memory
 
 log = logging.getLogger("appliance.batcher")
@@ -144,6 +144,12 @@ class Batcher(Generic[T, R]):
             raise ModelUnavailable(f"Model {self.name} was removed.", retry_after=1)
         if not self._workers:
             raise RuntimeError("batcher not started")
+        if len(items) > self.max_queue:  # would never fit: no retry can help
+            raise ValidationFailed(
+                f"This request needs {len(items)} model items at once; model {self.name} "
+                f"queues at most {self.max_queue} (runtime.max_queue): send fewer.",
+                details={"items": len(items), "max_items": self.max_queue},
+            )
         if self._queue.qsize() + len(items) > self.max_queue:
             raise Overloaded(
                 f"Model {self.name} has {self._queue.qsize()} items queued; retry shortly.",
