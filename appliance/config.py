@@ -21,8 +21,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "APPLIANCE_"
-# Environment variables that are not settings: where the config file is.
-ENV_NOT_SETTINGS = {"APPLIANCE_CONFIG"}
+# The project's environment variables that are not settings: where the config file is, the
+# batch CLI's server and key (`appliance batch --url/--key`; the console's example curl
+# exports APPLIANCE_KEY) and where the browser tests copy their screenshots. Any other
+# APPLIANCE_* name is a setting, and an unknown one is an error, as in the file.
+ENV_NOT_SETTINGS = {
+    "APPLIANCE_CONFIG",
+    "APPLIANCE_URL",
+    "APPLIANCE_KEY",
+    "APPLIANCE_CONSOLE_SCREENSHOTS",
+}
 DEFAULT_CONFIG_FILE = "config.toml"
 DEFAULT_DIRS = {"data_dir": "data", "models_dir": "quantized_models"}
 
