@@ -59,6 +59,9 @@ class ServerConfig(_Section):
     """json: one JSON object per line (request id on every request line); text: plain."""
     shutdown_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     """On SIGTERM, how long in-flight requests may take to finish."""
+    read_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    """A request whose head or body goes this long without a byte is answered 408 and its
+    connection closed (a stalled client holds nothing for ever; big uploads keep sending)."""
     workers: Positive = 1
     """Processes serving the port (SO_REUSEPORT: the kernel spreads connections), each with
     its share of the cores. Above 1 without [cluster], limits, quotas and stores switch to

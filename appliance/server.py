@@ -43,7 +43,11 @@ def _config(settings: Settings, lifecycle: Lifecycle) -> uvicorn.Config:
         # No proxy in front by default, and the app logs no client address: skip uvicorn's
         # X-Forwarded-* rewriting middleware on every request.
         proxy_headers=False,
-        http=CorkedHttpToolsProtocol,
+        http=type(
+            "HttpProtocol",
+            (CorkedHttpToolsProtocol,),
+            {"read_timeout": settings.server.read_timeout_seconds},
+        ),
     )
 
 

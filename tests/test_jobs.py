@@ -617,12 +617,12 @@ def test_a_graceful_restart_checkpoints_and_resumes(serve, models_dir: Path) -> 
 class LiveServer:
     """`appliance serve` in a subprocess on a data dir, as an operator runs it."""
 
-    def __init__(self, root: Path, models_dir: Path, jobs: str = "") -> None:
+    def __init__(self, root: Path, models_dir: Path, jobs: str = "", server: str = "") -> None:
         self.root, self.data = root, root / "data"
         self.config = root / "config.toml"
         self.config.write_text(
             f'data_dir = "{self.data}"\nmodels_dir = "{models_dir}"\n'
-            '[server]\nlog_level = "warning"\n'
+            f'[server]\nlog_level = "warning"\n{server}\n'
             "[models]\nwatch_interval_seconds = 0\n" + (f"[jobs]\n{jobs}\n" if jobs else "")
         )
         self.port = free_port()

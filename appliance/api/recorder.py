@@ -94,6 +94,11 @@ class Observer:
         )
 
 
+READ_TIMED_OUT = "read_timed_out"
+"""In a request's scope state: the server answered it 408, its body having stalled
+(appliance.http_protocol); the app only saw the client leave."""
+
+
 def _child(children: dict[tuple[str, ...], Any], metric: Any, *labels: str) -> Any:
     child = children.get(labels)
     if child is None:
@@ -118,10 +123,22 @@ def request_middleware(observe: Observer) -> Any:
             recorded = not scope["path"].startswith(UNRECORDED_PREFIXES)
             start = time.perf_counter()
             status = 500
+            answering = False  # the answer's head was sent
+            left = False  # the client went before it: recorded as 499 (nginx's "client
+            # closed request"), or 408 when the server gave up on a stalled body, never as
+            # the 500 the app may try to send to nobody
+
+            async def watched() -> Message:
+                nonlocal left
+                message = await receive()
+                if message["type"] == "http.disconnect" and not answering:
+                    left = True
+                return message
 
             async def capture(message: Message) -> None:
-                nonlocal status
+                nonlocal status, answering
                 if message["type"] == "http.response.start":
+                    answering = True
                     status = message["status"]
                     # A raw pair, unless an error response already carries it: cheaper than
                     # the MutableScopeHeaders view.
@@ -131,8 +148,10 @@ def request_middleware(observe: Observer) -> Any:
                 await send(message)
 
             try:
-                await app(scope, receive, capture)
+                await app(scope, watched, capture)
             finally:
+                if left:
+                    status = 408 if scope.get("state", {}).get(READ_TIMED_OUT) else 499
                 if recorded:
                     seconds = time.perf_counter() - start
                     call = scope.get("state", {}).get("call")
