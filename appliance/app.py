@@ -40,6 +40,7 @@ from appliance.api import (
     tei,
     vision,
 )
+from appliance.api.head import answer_head
 from appliance.api.hot_path import HotPath
 from appliance.api.recorder import Observer, request_middleware
 from appliance.backends import Backends, open_backends
@@ -120,6 +121,9 @@ class App(Litestar):
         if hot is not None and hot.route(scope) is not None:
             scope["app"] = scope["litestar_app"] = self
             await hot(scope, receive, send)  # its recorder gives the scope its state
+            return
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            await answer_head(super().__call__, scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 

@@ -176,7 +176,13 @@ def _from_litestar(exc: HTTPException) -> ApplianceError:
         if isinstance(exc.extra, list) and exc.extra:
             details["errors"] = exc.extra
             first = exc.extra[0]
-            if isinstance(first, dict) and first.get("message"):
+            if isinstance(first, dict) and (first.get("message"), first.get("key")) == (
+                "'data'",
+                "data",
+            ):
+                # litestar's KeyError for a request without a body: say so, not "'data'"
+                text = "The request has no body: send a JSON object."
+            elif isinstance(first, dict) and first.get("message"):
                 text = str(first["message"])
                 if first.get("key") and first["key"] != "data":
                     text = f"`{first['key']}`: {text}"
@@ -189,7 +195,11 @@ def _from_litestar(exc: HTTPException) -> ApplianceError:
     error.code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")  # type: ignore[misc]
     # litestar's router puts the path's real methods in `allow` on its 405 (RFC 9110 wants it).
     if exc.headers and "allow" in {k.lower() for k in exc.headers}:
-        error.headers = {"Allow": next(v for k, v in exc.headers.items() if k.lower() == "allow")}
+        allow = next(v for k, v in exc.headers.items() if k.lower() == "allow")
+        methods = [m.strip() for m in allow.split(",")]
+        if "GET" in methods and "HEAD" not in methods:  # appliance.api.head answers it
+            allow = ", ".join([*methods, "HEAD"])
+        error.headers = {"Allow": allow}
     if exc.status_code == 413:
         error.message = "Request body too large."
     return error

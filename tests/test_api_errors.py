@@ -89,6 +89,13 @@ def test_non_json_body_is_400(client: TestClient, predict_key: str) -> None:
     assert_error_body(r, 400, "INVALID_JSON")
 
 
+def test_a_missing_body_says_so(client: TestClient, predict_key: str) -> None:
+    for headers in ({"content-type": "application/json"}, {}):
+        r = client.post(EMBED, content=b"", headers={"x-api-key": predict_key, **headers})
+        assert_error_body(r, 422, "VALIDATION_ERROR")
+        assert r.json()["message"] == "The request has no body: send a JSON object."
+
+
 def test_body_over_the_limit_is_413(client: TestClient, predict_key: str) -> None:
     big = b'{"text": "' + b"a" * 1_100_000 + b'"}'
     r = client.post(
@@ -143,3 +150,18 @@ def test_405_carries_the_path_methods_in_allow(
     assert_error_body(r, 405, "METHOD_NOT_ALLOWED")
     got = {m.strip() for m in r.headers["allow"].split(",")}
     assert got - {"HEAD", "OPTIONS"} == allowed
+
+
+def test_head_answers_wherever_get_does(client: TestClient, predict_key: str) -> None:
+    """RFC 9110: HEAD is GET without the body, with the same status and headers."""
+    auth = {"x-api-key": predict_key}
+    for path in ("/healthz", "/readyz", "/v1/models", "/openapi.json", "/v1/usage"):
+        got, head = client.get(path, headers=auth), client.head(path, headers=auth)
+        assert head.status_code == got.status_code == 200, (path, head.text)
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+        if "content-length" in got.headers and path != "/v1/usage":
+            assert head.headers["content-length"] == got.headers["content-length"]
+    assert client.head("/v1/models").status_code == 401  # the GET's refusal, too
+    refused = client.head(EMBED, headers=auth)  # no GET there: 405, as for any method
+    assert refused.status_code == 405 and "HEAD" not in refused.headers["allow"]
+    assert "HEAD" in client.post("/healthz").headers["allow"]

@@ -376,8 +376,13 @@ def test_auth_on_every_route(
 
 def test_a_key_limited_to_some_models(client: TestClient) -> None:
     auth = key(client, models=["tiny-cls"])
-    # the default is the first model of the kind the key may use: none for embeddings
-    assert client.post("/embed", json={"inputs": "x"}, headers=auth).status_code == 404
+    # the default is the first model of the kind the key may use: none for embeddings, which
+    # is the key's 403 (an embedding model is installed), not a 404 saying to export one
+    refused = client.post("/embed", json={"inputs": "x"}, headers=auth)
+    assert refused.status_code == 403 and refused.json()["code"] == "FORBIDDEN"
+    assert "No embedding model is installed" not in refused.json()["message"]
+    only_rerankers = key(client, models=["tiny-rerank-does-not-exist"])
+    assert client.get("/info", headers=only_rerankers).status_code == 403
     named = client.post("/embed", json={"inputs": "x", "model": "tiny-embed"}, headers=auth)
     assert named.status_code == 403
     assert (

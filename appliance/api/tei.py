@@ -20,7 +20,7 @@ import appliance
 from appliance.api.responses import inference_response
 from appliance.api.schemas import Text, Texts
 from appliance.api.tasks import VECTORISE, Endpoint, Work, as_batch, work_of
-from appliance.errors import ModelNotFound, ValidationFailed
+from appliance.errors import Forbidden, ModelNotFound, ValidationFailed
 from appliance.inference import Outcome
 from appliance.models.registry import ModelEntry
 
@@ -52,16 +52,20 @@ def default_model(work: Work, kind: str) -> str:
     configured: str = getattr(work.settings.defaults, kind)
     if configured:
         return configured
-    entries = [
-        e
-        for e in work.inference.registry.entries()
-        if e.is_active and e.manifest and work.call.key.allows_model(e.slug)
-    ]
+    installed = [e for e in work.inference.registry.entries() if e.is_active and e.manifest]
+    entries = [e for e in installed if work.call.key.allows_model(e.slug)]
     for task in KINDS[kind]:
         for entry in entries:
             assert entry.manifest is not None
             if entry.manifest.task == task:
                 return entry.slug
+    if any(e.manifest and e.manifest.task in KINDS[kind] for e in installed):
+        # There is one, but not for this key: the 403 naming a model would give, not a
+        # 404 telling its owner to export what is installed.
+        raise Forbidden(
+            f"This API key may use no installed {kind} model (the key's `models` list).",
+            details={"kind": kind},
+        )
     raise ModelNotFound(
         f"No {kind} model is installed: `appliance export CHECKPOINT {_EXPORT_HINT[kind]}` "
         f"adds one{_ALSO.get(kind, '')} (or name one with `model`).",
@@ -70,11 +74,16 @@ def default_model(work: Work, kind: str) -> str:
 
 
 def _any_default(work: Work) -> str:
+    refused: Forbidden | None = None
     for kind in INFO_ORDER:
         try:
             return default_model(work, kind)
         except ModelNotFound:
             continue
+        except Forbidden as exc:
+            refused = refused or exc
+    if refused is not None:
+        raise refused
     raise ModelNotFound(
         "No embedding, classifier or reranker model is installed.", details={"kind": "any"}
     )
