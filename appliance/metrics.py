@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from appliance.models.registry import ModelEntry
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = "text/plain; version=0.0.4"
+"""litestar adds the `charset=utf-8` of a text type itself (given here too, it was sent twice)."""
 
 
 class _ModelState(Collector):

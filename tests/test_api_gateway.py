@@ -477,6 +477,7 @@ def test_keys_api_create_use_list_revoke(client: TestClient, admin_key: str) -> 
         {"name": "x", "token_quota": -1},
         {"name": "x", "colour": "blue"},
         {"name": "x", "models": []},  # once every model; now refused
+        {"name": "x" * 201},  # every listing (console, CLI, /v1/keys) shows it
     ],
 )
 def test_keys_api_validates(client: TestClient, admin_key: str, body: dict) -> None:

@@ -39,6 +39,9 @@ def total(samples: dict[str, dict[tuple, float]], name: str) -> float:
 
 
 def test_metrics_parse_and_move_under_load(client: TestClient, predict_key: str) -> None:
+    assert (
+        client.get("/metrics").headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    )
     before = scrape(client)
     assert (
         before["appliance_model_loaded"][(("model", "tiny-embed"), ("task", "feature-extraction"))]

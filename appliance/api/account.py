@@ -18,8 +18,8 @@ from appliance.gateway.usage import UsageLog
 
 
 class KeyCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    name: Annotated[str, msgspec.Meta(pattern=r"\S")]
-    """Something to recognise the key by (not only spaces)."""
+    name: Annotated[str, msgspec.Meta(pattern=r"\S", max_length=200)]
+    """Something to recognise the key by (not only spaces; every listing shows it)."""
     scopes: list[Literal["predict", "jobs", "admin"]] = msgspec.field(
         default_factory=lambda: ["predict"]
     )

@@ -30,6 +30,7 @@ from litestar.static_files import create_static_files_router
 
 from appliance import __version__
 from appliance.api.schemas import EXACTLY_ONE
+from appliance.metrics import CONTENT_TYPE
 
 ASSETS = "/docs/assets"
 # The four files of swagger-ui 5.31.0's dist that the page loads (Apache-2.0, LICENSE beside
@@ -177,7 +178,7 @@ _KEYED_ERRORS = {
     504: "Timed out.",
     507: "Insufficient storage.",
 }
-METRICS_MEDIA = "text/plain; version=0.0.4"
+METRICS_MEDIA = CONTENT_TYPE  # litestar adds the charset
 OPENAPI_MEDIA = "application/vnd.oai.openapi+json"
 # Open routes whose 200 is not JSON of a handler's return type: what they really send.
 _OPEN_CONTENT = {
