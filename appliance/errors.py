@@ -9,7 +9,7 @@ import logging
 from typing import Any, ClassVar
 
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 
 from appliance.api.request_id import ensure_request_id
 
@@ -188,7 +188,10 @@ def _from_litestar(exc: HTTPException) -> ApplianceError:
                     text = f"`{first['key']}`: {text}"
                     details["field"] = first["key"]
         return ValidationFailed(text, details=details)
-    if exc.status_code == 400 and "json" in str(exc.detail).lower():
+    if exc.status_code == 400 and (
+        isinstance(exc.__cause__, SerializationException) or "json" in str(exc.detail).lower()
+    ):
+        # The body's decoding failed (truncated, broken UTF-8, malformed: msgspec's message).
         return InvalidJSON(f"The request body is not valid JSON: {exc.detail}")
     error = ApplianceError(str(exc.detail))
     error.status_code = exc.status_code  # type: ignore[misc]

@@ -80,10 +80,13 @@ def test_error_matrix(
         assert f"`{field}" in body["message"]  # `text` or `text[1]`
 
 
-def test_non_json_body_is_400(client: TestClient, predict_key: str) -> None:
+@pytest.mark.parametrize(
+    "body", [b"{not json", b'{"text": "cut sho', b'{"text": "\xff"}', b'{"text": "\\ud800"}']
+)
+def test_non_json_body_is_400(client: TestClient, predict_key: str, body: bytes) -> None:
     r = client.post(
         EMBED,
-        content=b"{not json",
+        content=body,
         headers={"x-api-key": predict_key, "content-type": "application/json"},
     )
     assert_error_body(r, 400, "INVALID_JSON")
