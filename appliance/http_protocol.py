@@ -104,13 +104,19 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer = None
         if not self._reading or self.transport.is_closing():
             return
+        cycle = self.cycle
+        # The cycle is this request's once its head is complete (else the last one's).
+        current = cycle is not None and cycle.more_body and not cycle.response_complete
+        if (
+            self.flow.read_paused  # not reading: a pipelined request waits for the one before
+            or self.pipeline
+            or (not current and cycle is not None and not cycle.response_complete)
+        ):
+            self._last_read = self.loop.time()  # the client waits for this server, not idle
         idle = self.loop.time() - self._last_read
         if idle < self.read_timeout:  # bytes came meanwhile: wait out the rest
             self._read_timer = self.loop.call_later(self.read_timeout - idle, self._read_timed_out)
             return
-        cycle = self.cycle
-        # The cycle is this request's once its head is complete (else the last one's).
-        current = cycle is not None and cycle.more_body and not cycle.response_complete
         if current and cycle.response_started:
             self.transport.close()  # an answer is on its way already: only stop waiting
             return

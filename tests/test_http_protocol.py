@@ -118,3 +118,64 @@ def test_what_is_not_http_gets_the_json_error_body(live: LiveServer, request_byt
     status, headers, body = parts(exchange(live, request_bytes))
     assert status == 400 and headers["content-type"] == "application/json"
     assert body["code"] == "BAD_REQUEST" and body["request_id"] == headers["x-request-id"]
+
+
+def test_a_pipelined_request_waiting_for_the_one_before_is_not_timed_out() -> None:
+    """uvicorn stops reading while an earlier request on the connection is answered: the
+    client of a request queued behind it is waiting for the server, not stalled. uvicorn
+    itself, with this protocol, and an app whose first answer takes longer than the timeout."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from appliance.http_protocol import CorkedHttpToolsProtocol
+    from tests.test_imports import free_port
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        size = 0
+        while (message := await receive())["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        if scope["path"] == "/slow":
+            await asyncio.sleep(TIMEOUT * 3)
+        body = f"{scope['path']} {size}".encode()
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    protocol = type("P", (CorkedHttpToolsProtocol,), {"read_timeout": TIMEOUT})
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    try:
+        big = b"x" * 1_000_000  # more than one read: uvicorn pauses reading behind /slow
+        pipelined = (
+            b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n"
+            b"POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(big)
+        ) + big
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(pipelined)
+            answer = b""
+            while answer.count(b"HTTP/1.1 ") < 2 or not answer.endswith(b"/big 1000000"):
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"408" not in answer
+        assert b"/slow 0" in answer
+    finally:
+        server.should_exit = True
+        thread.join(10)
