@@ -278,10 +278,16 @@ def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads
         b = make(model, alone=lambda: in_flight[0] <= 1, run_alone=lone)
         b.start()
         assert await b.submit([0], [10]) == [0]  # call time not known yet: a model thread
-        assert await b.submit([1], [10]) == [2]
+        assert await b.submit([1], [10]) == [2]  # then on the loop
+        assert await b.submit([2], [200]) == [4]  # too long for the loop: a model thread
         in_flight[0] = 2
-        assert await b.submit([2], [10]) == [4]
-        assert (model.threads, lone.threads) == (["model-t_0"] * 2, [loop_thread])
+        assert await b.submit([3], [10]) == [6]  # not alone: a stream's own session
+        in_flight[0] = 1
+        assert await b.submit([4], [200], priority=10) == [8]  # a job's line: a stream's
+        # The lone call's session (every core) whenever the request is alone, on the loop
+        # when it is short enough for it, on a model thread when not.
+        assert lone.threads == ["model-t_0", loop_thread, "model-t_0"]
+        assert model.threads == ["model-t_0"] * 2
         await b.stop()
 
         slow = ThreadRecorder(seconds=0.02)  # small calls slower than INLINE_SECONDS
