@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import diskcache
 import pytest
@@ -132,12 +135,27 @@ def test_an_expired_entry_in_memory_is_a_miss(tmp_path: Path) -> None:
 
 def _ready(cache: ResponseCache) -> None:
     """Wait for the writer thread to have read the keys already on disk into the filter."""
-    import time
-
     deadline = time.monotonic() + 10
     while not (cache._filter is not None and cache._filter.ready):
         assert time.monotonic() < deadline, "the key filter never became ready"
         time.sleep(0.01)
+
+
+def _two_workers(open_cache: Callable[[], ResponseCache]) -> tuple[ResponseCache, ResponseCache]:
+    """Two caches on one directory, both ready: what server.workers > 1 gives two workers."""
+    mine, other = open_cache(), open_cache()
+    _ready(mine)
+    _ready(other)
+    return mine, other
+
+
+def _commit(cache: ResponseCache, entries: dict[str, Any]) -> None:
+    """Answers written to disk by `cache`, and time for other workers' filters to look."""
+    from appliance.gateway.cache import KEY_FILTER_SYNC_SECONDS
+
+    cache.set_many({k: (v, False) for k, v in entries.items()})
+    cache.flush()
+    time.sleep(KEY_FILTER_SYNC_SECONDS * 2)
 
 
 def test_a_miss_the_key_filter_rules_out_never_reads_the_disk_and_no_stored_key_is_missed(
@@ -165,18 +183,9 @@ def test_a_miss_the_key_filter_rules_out_never_reads_the_disk_and_no_stored_key_
 def test_an_answer_another_worker_commits_is_found_once_the_filter_catches_up(
     tmp_path: Path,
 ) -> None:
-    """Two caches on one directory: what server.workers > 1 gives each worker process."""
-    import time
-
-    from appliance.gateway.cache import KEY_FILTER_SYNC_SECONDS
-
-    mine, other = make(tmp_path / "c"), make(tmp_path / "c")
-    _ready(mine)
-    _ready(other)
+    mine, other = _two_workers(lambda: make(tmp_path / "c"))
     assert mine.get_local(["k"]) == {}
-    other.set_many({"k": ({"v": 1}, False)})
-    other.flush()
-    time.sleep(KEY_FILTER_SYNC_SECONDS * 2)
+    _commit(other, {"k": {"v": 1}})
     assert mine.get_local(["k"])["k"].output == {"v": 1}
     other.close()
     mine.close()
@@ -187,7 +196,6 @@ def test_many_keys_are_read_from_the_disk_a_bounded_chunk_at_a_time_and_none_is_
 ) -> None:
     """At start (chunks of ten reads) and behind other workers (a read per lookup, each
     key looked up on disk while the filter is still behind)."""
-    import time
 
     from appliance.gateway import cache as cache_module
 
@@ -215,30 +223,18 @@ def test_a_key_stored_under_a_reused_rowid_is_found_by_the_other_worker(tmp_path
     """diskcache's table gives a new row the highest rowid + 1: once the newest rows are
     deleted (here expired, culled by an update's write), the next insert takes a rowid
     another worker has read past."""
-    import time
-
-    from appliance.gateway.cache import KEY_FILTER_SYNC_SECONDS
-
-    def short_lived() -> ResponseCache:
-        return ResponseCache(tmp_path / "c", size_limit_bytes=10**8, ttl_seconds=1, memory_bytes=0)
-
-    mine, other = short_lived(), short_lived()
-    _ready(mine)
-    _ready(other)
-    other.set_many({"k1": ({"v": 1}, False), "k2": ({"v": 2}, False)})
-    other.flush()
-    time.sleep(KEY_FILTER_SYNC_SECONDS * 2)
+    mine, other = _two_workers(
+        lambda: ResponseCache(tmp_path / "c", size_limit_bytes=10**8, ttl_seconds=1, memory_bytes=0)
+    )
+    _commit(other, {"k1": {"v": 1}, "k2": {"v": 2}})
     assert mine.get_local(["zz"]) == {}  # caught up with both rows
     time.sleep(1.2)  # both expire
-    other.set_many({"k1": ({"v": 1}, False)})  # an update; its cull deletes k2's row
-    other.flush()
-    other.set_many({"k3": ({"v": 3}, False)})  # inserted under k2's old rowid
-    other.flush()
+    _commit(other, {"k1": {"v": 1}})  # an update; its cull deletes k2's row
+    _commit(other, {"k3": {"v": 3}})  # inserted under k2's old rowid
     rows = sqlite3.connect(tmp_path / "c" / diskcache.core.DBNAME).execute(
         "SELECT rowid, key FROM Cache ORDER BY rowid"
     )
     assert rows.fetchall() == [(1, "k1"), (2, "k3")]  # the case this test is about
-    time.sleep(KEY_FILTER_SYNC_SECONDS * 2)
     assert mine.get_local(["k3"])["k3"].output == {"v": 3}
     other.close()
     mine.close()
@@ -249,14 +245,10 @@ def test_a_worker_the_key_log_left_behind_reads_every_key_again(
 ) -> None:
     """Idle while another worker inserted more than the log keeps: no key is missed, and
     once the writer has read them all again misses are ruled out as before."""
-    import time
-
     from appliance.gateway import cache as cache_module
 
     monkeypatch.setattr(cache_module, "KEY_LOG_ROWS", 20)  # pruned every 2 answers written
-    mine, other = make(tmp_path / "c"), make(tmp_path / "c")
-    _ready(mine)
-    _ready(other)
+    mine, other = _two_workers(lambda: make(tmp_path / "c"))
     written = [f"k{i}" for i in range(100)]
     for i in range(0, 100, 5):
         other.set_many({k: ({"v": k}, False) for k in written[i : i + 5]})
