@@ -254,12 +254,13 @@ class _DiskKeys:
                 return
             rowid = rows[-1][0]
 
-    def catch_up(self, *, wait: bool = True) -> bool | None:
+    def catch_up(self) -> bool | None:
         """Put up to KEY_READ_ROWS keys inserted since the last read into the filter; whether
         those were all of them (if not, the next call is due at once). None: another thread
-        is reading them this moment and `wait` is false. False with `lost` set: keys not
-        read yet are gone from the log (the filter stops ruling out until `load`)."""
-        if not self._lock.acquire(blocking=wait):
+        is reading them this moment (never waited for: a lookup then goes to disk). False
+        with `lost` set: keys not read yet are gone from the log (the filter stops ruling
+        out until `load`)."""
+        if not self._lock.acquire(blocking=False):
             return None
         try:
             rows = self._connection.execute(
@@ -389,7 +390,7 @@ class ResponseCache:
         if not disk.due():
             return False
         try:
-            complete = disk.catch_up(wait=False)
+            complete = disk.catch_up()
         except Exception as exc:
             known.ready = False
             log.warning("cache keys unreadable (%s): every miss is looked up on disk", exc)

@@ -171,9 +171,9 @@ class Batcher(Generic[T, R]):
                 and self._small_call_s is not None
                 and self._small_call_s <= INLINE_SECONDS
             ):
-                return self._run_inline(items, costs)
+                return await self._run_lone(items, costs, on_loop=True)
             if self._lone_session:  # too long for the loop: every core, on a model thread
-                return await self._run_lone(items, costs)
+                return await self._run_lone(items, costs, on_loop=False)
         loop = asyncio.get_running_loop()
         pending = [
             _Pending(item, cost, loop.create_future(), priority=priority)
@@ -190,25 +190,21 @@ class Batcher(Generic[T, R]):
                 p.future.cancel()  # left in the queue, skipped by the worker
             raise
 
-    def _run_inline(self, items: Sequence[T], costs: Sequence[int]) -> list[R]:
-        started = time.perf_counter()
-        try:
-            results = list(self._run_alone(list(items)))
-        except Exception:
-            log.exception("model %s: batch of %d failed", self.name, len(items))
-            raise
-        self._called(sum(costs), [0.0] * len(items), time.perf_counter() - started)
-        return results
-
-    async def _run_lone(self, items: Sequence[T], costs: Sequence[int]) -> list[R]:
-        """A lone request too long for the loop, in the every-core session on a model
-        thread (a stream's one-thread session would leave the other cores idle)."""
+    async def _run_lone(
+        self, items: Sequence[T], costs: Sequence[int], *, on_loop: bool
+    ) -> list[R]:
+        """A lone request's call (`run_alone`): on the event loop itself, or, too long for
+        it, on a model thread (a stream's one-thread session would leave the other cores
+        idle)."""
         started = time.perf_counter()
         self._running += 1  # counted as a stream's call: others queue, and may run beside it
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_alone, list(items)
-            )
+            if on_loop:
+                results = self._run_alone(list(items))
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run_alone, list(items)
+                )
         except Exception:
             log.exception("model %s: batch of %d failed", self.name, len(items))
             raise
