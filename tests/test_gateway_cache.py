@@ -196,7 +196,6 @@ def test_many_keys_are_read_from_the_disk_a_bounded_chunk_at_a_time_and_none_is_
 ) -> None:
     """At start (chunks of ten reads) and behind other workers (a read per lookup, each
     key looked up on disk while the filter is still behind)."""
-
     from appliance.gateway import cache as cache_module
 
     monkeypatch.setattr(cache_module, "KEY_READ_ROWS", 50)
@@ -204,14 +203,10 @@ def test_many_keys_are_read_from_the_disk_a_bounded_chunk_at_a_time_and_none_is_
     first = make(tmp_path / "c")
     first.set_many({k: ({"v": k}, False) for k in old})
     first.close()
-    mine, other = make(tmp_path / "c"), make(tmp_path / "c")
-    _ready(mine)
-    _ready(other)
+    mine, other = _two_workers(lambda: make(tmp_path / "c"))
     assert len(mine.get_local(old)) == len(old)
     new = [f"new {i}" for i in range(400)]
-    other.set_many({k: ({"v": k}, False) for k in new})
-    other.flush()
-    time.sleep(cache_module.KEY_FILTER_SYNC_SECONDS * 2)
+    _commit(other, {k: {"v": k} for k in new})
     # The last one first: the first read after the sync interval holds only the first 50.
     assert mine.get_local(["new 399"])["new 399"].output == {"v": "new 399"}
     assert len(mine.get_local(new)) == len(new)
