@@ -62,6 +62,10 @@ class ServerConfig(_Section):
     read_timeout_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     """A request whose head or body goes this long without a byte is answered 408 and its
     connection closed (a stalled client holds nothing for ever; big uploads keep sending)."""
+    keep_alive_seconds: Annotated[float, msgspec.Meta(gt=0)] = 75.0
+    """An idle keep-alive connection is closed after this long. Longer than the idle timeout
+    of the proxy in front (ingress-nginx and cloud load balancers: 60 s), so the proxy closes
+    first and never sends a request down a connection this server is closing (a 502)."""
     workers: Positive = 1
     """Processes serving the port (SO_REUSEPORT: the kernel spreads connections), each with
     its share of the cores. Above 1 without [cluster], limits, quotas and stores switch to

@@ -39,6 +39,7 @@ def _config(settings: Settings, lifecycle: Lifecycle) -> uvicorn.Config:
         log_config=None,  # appliance.logs already configured logging
         access_log=False,  # the app writes its own access line, with the request id
         timeout_graceful_shutdown=settings.server.shutdown_grace_seconds,
+        timeout_keep_alive=settings.server.keep_alive_seconds,
         server_header=False,
         # No proxy in front by default, and the app logs no client address: skip uvicorn's
         # X-Forwarded-* rewriting middleware on every request.

@@ -17,12 +17,17 @@ import pytest
 from tests.test_jobs import LiveServer
 
 TIMEOUT = 0.5
+KEEP_ALIVE = 2.0
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("protocol")
-    server = LiveServer(root, models_dir, server=f"read_timeout_seconds = {TIMEOUT}").start()
+    server = LiveServer(
+        root,
+        models_dir,
+        server=f"read_timeout_seconds = {TIMEOUT}\nkeep_alive_seconds = {KEEP_ALIVE}",
+    ).start()
     yield server
     server.stop()
 
@@ -179,3 +184,18 @@ def test_a_pipelined_request_waiting_for_the_one_before_is_not_timed_out() -> No
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_an_idle_connection_is_kept_for_keep_alive_seconds_then_closed(live: LiveServer) -> None:
+    """Not uvicorn's 5 s: a proxy that keeps idle connections for longer would send a request
+    down one the server is closing and answer 502 (server.keep_alive_seconds, above it)."""
+    ask = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        for pause in (0.0, KEEP_ALIVE / 2):  # the second one comes on the same connection
+            time.sleep(pause)
+            sock.sendall(ask)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        answered = time.monotonic()
+        assert sock.recv(65536) == b""  # the server closed it, idle
+        idle = time.monotonic() - answered
+    assert KEEP_ALIVE * 0.9 < idle < KEEP_ALIVE + 2, idle
