@@ -286,7 +286,7 @@ def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads
         assert await b.submit([4], [200], priority=10) == [8]  # a job's line: a stream's
         # The lone call's session (every core) whenever the request is alone, on the loop
         # when it is short enough for it, on a model thread when not.
-        assert lone.threads == ["model-t_0", loop_thread, "model-t_0"]
+        assert lone.threads == ["model-t-lone_0", loop_thread, "model-t-lone_0"]
         assert model.threads == ["model-t_0"] * 2
         await b.stop()
 
@@ -296,6 +296,44 @@ def test_a_lone_small_request_runs_on_the_event_loop_and_others_on_model_threads
         for i in range(3):
             assert await b.submit([i], [5]) == [2 * i]
         assert slow.threads == ["model-slow_0"] * 3
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_a_stream_cuts_its_next_batch_without_the_event_loop() -> None:
+    """A call's end starts the next queued batch at once, even while the loop is busy (here:
+    blocked) answering; and what arrives in one loop step is one batch, not one call each."""
+
+    async def main() -> None:
+        gate = threading.Event()
+        starts: list[tuple[float, list[int]]] = []
+
+        def model(items: list[int]) -> list[int]:
+            starts.append((time.monotonic(), list(items)))
+            if len(starts) == 1:
+                gate.wait(5)
+            return [2 * i for i in items]
+
+        b = make(Recorder(), max_batch_size=8)
+        b._run_batch = model  # type: ignore[assignment]
+        b.start()
+        first = asyncio.create_task(b.submit([0], [1]))
+        await asyncio.sleep(0.05)  # the first call runs, blocked on the gate
+        rest = [asyncio.create_task(b.submit([i], [1])) for i in range(1, 4)]
+        await asyncio.sleep(0.05)  # queued behind it
+        gate.set()
+        blocked = time.monotonic()
+        time.sleep(0.3)  # the loop is busy: nothing of the batcher runs on it meanwhile
+        unblocked = time.monotonic()
+        assert await first == [0] and [await t for t in rest] == [[2], [4], [6]]
+        assert [items for _, items in starts] == [[0], [1, 2, 3]]
+        assert blocked <= starts[1][0] < unblocked - 0.2  # started while the loop was blocked
+
+        starts.clear()
+        together = [b.submit([i], [1]) for i in range(10, 15)]  # one loop step, model idle
+        assert await asyncio.gather(*together) == [[20], [22], [24], [26], [28]]
+        assert [items for _, items in starts] == [[10, 11, 12, 13, 14]]
         await b.stop()
 
     asyncio.run(main())
