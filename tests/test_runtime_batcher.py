@@ -228,9 +228,25 @@ def test_idle_model_threads_hand_freed_memory_back(monkeypatch: pytest.MonkeyPat
         await b.submit([1], [1])
         await asyncio.sleep(0.05)
         assert len(trims) == 1
-        await b.submit([2], [1])  # within the interval: no second trim
+        await b.submit([2], [1])  # within the interval: no second trim yet
         await asyncio.sleep(0.05)
         assert len(trims) == 1
+        await b.stop()  # and none after it stopped
+
+        monkeypatch.setattr(memory, "TRIM_INTERVAL_SECONDS", 0.3)
+        monkeypatch.setattr(memory, "_last_trim", 0.0)
+        trims.clear()
+        b = make(Recorder())
+        b.start()
+        await b.submit([1], [1])
+        for i in range(3):  # idle again within the interval, three times: one trim later
+            await b.submit([i], [1])
+        await asyncio.sleep(0.05)
+        assert len(trims) == 1
+        await asyncio.sleep(0.4)  # what the last calls freed is not held until a request
+        assert len(trims) == 2 and trims[1] - trims[0] >= 0.29
+        await asyncio.sleep(0.4)
+        assert len(trims) == 2  # once idle and trimmed, nothing more to do
         await b.stop()
 
     asyncio.run(main())

@@ -118,6 +118,7 @@ class Batcher(Generic[T, R]):
         self._wake_due = False  # a wake-up of a waiting stream is scheduled on the loop
         self._closed = False  # no new work
         self._stopping = False  # the streams end
+        self._trim_timer: asyncio.TimerHandle | None = None  # a deferred idle trim
 
     @property
     def depth(self) -> int:
@@ -143,6 +144,9 @@ class Batcher(Generic[T, R]):
 
     async def stop(self) -> None:
         self._closed = True
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
         with self._ready:
             self._stopping = True
             self._ready.notify_all()
@@ -254,10 +258,25 @@ class Batcher(Generic[T, R]):
             self._small_call_s = took if last is None else 0.8 * last + 0.2 * took
         if self._observe is not None:
             self._observe(len(waits), waits, took)
-        if not self._running and not self._heap and memory.trim_due():
-            # Idle: give the big batch buffers back (a thread of the loop's own pool, so
-            # the next model call never queues behind it).
-            asyncio.get_running_loop().run_in_executor(None, memory.release_free_memory)
+        self._trim_if_idle()
+
+    def _trim_if_idle(self) -> None:
+        """Idle: give the big batch buffers back (a thread of the loop's own pool, so the
+        next model call never queues behind it). A model that goes idle within the interval
+        of the last trim gets its own once the interval is over: else what its last calls
+        freed stayed held until the next request (after 32 texts of 128 tokens at c=1 on
+        this machine: 272 MB, 193 MB once trimmed)."""
+        if self._running or self._heap or self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        if memory.trim_due():
+            loop.run_in_executor(None, memory.release_free_memory)
+        elif memory.trims() and self._trim_timer is None:
+            self._trim_timer = loop.call_later(memory.seconds_to_trim(), self._deferred_trim)
+
+    def _deferred_trim(self) -> None:
+        self._trim_timer = None
+        self._trim_if_idle()
 
     def _stream(self) -> None:
         """One stream's thread: cut a batch, call the model, hand the results to the loop."""

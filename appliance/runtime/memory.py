@@ -77,6 +77,16 @@ def trim_due() -> bool:
     return True
 
 
+def trims() -> bool:
+    """Whether release_free_memory does anything here (glibc)."""
+    return _LIBC is not None
+
+
+def seconds_to_trim() -> float:
+    """How long until `trim_due` can next say yes (0: now)."""
+    return max(0.0, TRIM_INTERVAL_SECONDS - (time.monotonic() - _last_trim))
+
+
 def release_free_memory() -> None:
     """Hand the pages free in malloc's heaps back to the OS (blocks for up to milliseconds:
     run it in a worker thread, when the models are idle)."""
