@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ class Recorder:
         return [2 * i for i in items]
 
 
-def make(model: Recorder, **kw: Any) -> Batcher[int, int]:
+def make(model: Callable[[list[int]], list[int]], **kw: Any) -> Batcher[int, int]:
     defaults: dict[str, Any] = {
         "name": "t",
         "max_wait_s": 0.0,
@@ -331,8 +332,7 @@ def test_a_stream_cuts_its_next_batch_without_the_event_loop() -> None:
                 gate.wait(5)
             return [2 * i for i in items]
 
-        b = make(Recorder(), max_batch_size=8)
-        b._run_batch = model  # type: ignore[assignment]
+        b = make(model, max_batch_size=8)
         b.start()
         first = asyncio.create_task(b.submit([0], [1]))
         await asyncio.sleep(0.05)  # the first call runs, blocked on the gate

@@ -359,12 +359,14 @@ class Batcher(Generic[T, R]):
         started: float,
         took: float,
     ) -> None:
-        """On the loop: a stream's call is over; its waiters get their results."""
-        if error is not None or results is None:
+        """On the loop: a stream's call is over; its waiters get their results (`results`
+        is None only with an `error`)."""
+        if error is not None:
             for p in batch:
                 if not p.future.done():
-                    p.future.set_exception(error or RuntimeError("no results"))
+                    p.future.set_exception(error)
             return
+        assert results is not None
         self._called(sum(p.cost for p in batch), [started - p.enqueued for p in batch], took)
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():
